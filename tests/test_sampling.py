@@ -1,0 +1,105 @@
+"""Length-bucketed batch sampler and the resumable epoch-cycling stream."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_lightning.data.sampling import EpochCyclingBatchSampler, LengthBucketBatchSampler, padding_fraction
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def real_lengths() -> list[int]:
+    """Character lengths of the shipped HH SFT conversations (a real, long-tailed length distribution)."""
+    with open(ROOT / "data/hh_rlhf/sft_train.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [sum(len(m["content"]) for m in r["messages"]) for r in rows]
+
+
+def flat(batches):
+    return [i for b in batches for i in b]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("multiplier", [1, 3, 50])
+def test_every_index_once_per_epoch(drop_last, multiplier):
+    lengths = [int(x) for x in torch.randint(1, 100, (103,), generator=torch.Generator().manual_seed(0))]
+    s = LengthBucketBatchSampler(lengths, 8, seed=1, drop_last=drop_last, bucket_size_multiplier=multiplier)
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        batches = list(s)
+        assert len(batches) == len(s)
+        idx = flat(batches)
+        assert len(idx) == len(set(idx))
+        if drop_last:
+            assert all(len(b) == 8 for b in batches) and len(idx) == 96
+        else:
+            assert sorted(idx) == list(range(103))
+
+
+def test_deterministic_given_seed_and_epoch():
+    lengths = real_lengths()
+    a = LengthBucketBatchSampler(lengths, 8, seed=3, bucket_size_multiplier=5)
+    b = LengthBucketBatchSampler(lengths, 8, seed=3, bucket_size_multiplier=5)
+    torch.manual_seed(123)  # global RNG state must not matter
+    first = list(a)
+    torch.manual_seed(999)
+    assert list(b) == first
+    a.set_epoch(1)
+    assert list(a) != first  # a new epoch reshuffles
+    assert list(LengthBucketBatchSampler(lengths, 8, seed=4, bucket_size_multiplier=5)) != first
+
+
+def test_bucketing_cuts_padding_on_real_lengths():
+    lengths = real_lengths()
+    random_batches = list(LengthBucketBatchSampler(lengths, 8, seed=0, bucket_size_multiplier=1))
+    bucketed = list(LengthBucketBatchSampler(lengths, 8, seed=0, bucket_size_multiplier=50))
+    rand_pad = padding_fraction(random_batches, lengths)
+    bucket_pad = padding_fraction(bucketed, lengths)
+    # measured on the shipped data: ~0.58 random vs ~0.03 bucketed (all 300 rows fit one chunk)
+    assert rand_pad > 0.3
+    assert bucket_pad < rand_pad / 5
+    # smaller chunks still help a lot
+    assert padding_fraction(
+        list(LengthBucketBatchSampler(lengths, 8, seed=0, bucket_size_multiplier=4)), lengths
+    ) < (rand_pad / 2)
+
+
+def test_no_shuffle_sorts_longest_first():
+    lengths = [3, 9, 1, 9, 5]
+    s = LengthBucketBatchSampler(lengths, 2, shuffle=False)
+    assert list(s) == [[1, 3], [4, 0], [2]]
+    assert list(LengthBucketBatchSampler(lengths, 2, shuffle=False, drop_last=True)) == [[1, 3], [4, 0]]
+
+
+def test_shards_across_ranks_cover_everything():
+    lengths = list(range(1, 42))
+    ranks = [LengthBucketBatchSampler(lengths, 4, seed=0, num_replicas=3, rank=r) for r in range(3)]
+    per_rank = [list(s) for s in ranks]
+    assert all(len(b) == len(ranks[0]) for b in per_rank)  # equal batch counts: no rank waits on another
+    assert set(flat([b for r in per_rank for b in r])) == set(range(41))
+
+
+def test_cycling_stream_resumes_at_position():
+    lengths = list(range(1, 31))
+    base = LengthBucketBatchSampler(lengths, 4, seed=7, drop_last=True, bucket_size_multiplier=1)
+    stream = iter(EpochCyclingBatchSampler(base))
+    first = [next(stream) for _ in range(20)]  # 7 batches per epoch: crosses two epoch boundaries
+    assert first[:7] == base.epoch_batches(0) and first[7:14] == base.epoch_batches(1)
+    resumed = EpochCyclingBatchSampler(base)
+    resumed.resume_from(9)
+    it = iter(resumed)
+    assert [next(it) for _ in range(11)] == first[9:]
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError):
+        LengthBucketBatchSampler([1, 2], 0)
+    with pytest.raises(ValueError):
+        LengthBucketBatchSampler([1, 2], 2, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="empty"):
+        EpochCyclingBatchSampler(LengthBucketBatchSampler([1, 2], 4, drop_last=True))
