@@ -1,0 +1,189 @@
+"""Tests for batched generation: cache vs recomputation, padding invariance, EOS handling, sampling filters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_lightning.models.generation import GenerationArgs, generate, sample_next_token
+from rlhf_lightning.models.gpt import GPT, create_model
+
+V, PAD, EOS = 64, 0, 1
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    return create_model("tiny", vocab_size=V).eval()
+
+
+def _prompts(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts (B, P) and their mask, built from lengths."""
+    p = max(lengths)
+    ids = torch.full((len(lengths), p), PAD, dtype=torch.long)
+    mask = torch.zeros(len(lengths), p, dtype=torch.bool)
+    g = torch.Generator().manual_seed(123)
+    for i, n in enumerate(lengths):
+        ids[i, p - n :] = torch.randint(2, V, (n,), generator=g)
+        mask[i, p - n :] = True
+    return ids, mask
+
+
+def _full_forward_logprobs(model: GPT, out, prompt_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One forward over the final sequences -> log-probs (B, R) of the response tokens."""
+    mask = torch.cat([prompt_mask, out.response_mask], dim=1)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(out.sequences, mask, position_ids=pos).float() / temperature
+    p, r = prompt_mask.shape[1], out.response_ids.shape[1]
+    logp = logits[:, p - 1 : p - 1 + r].log_softmax(-1)
+    return logp.gather(-1, out.response_ids[..., None]).squeeze(-1)
+
+
+def test_args_validation() -> None:
+    for bad in (
+        dict(max_new_tokens=0),
+        dict(temperature=0.0),
+        dict(top_k=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+    ):
+        with pytest.raises(ValueError):
+            GenerationArgs(**{"max_new_tokens": 4, **bad})
+
+
+def test_shapes_and_dtypes(model: GPT) -> None:
+    ids, mask = _prompts([3, 7])
+    out = generate(model, ids, mask, GenerationArgs(max_new_tokens=5), eos_token_id=EOS, pad_token_id=PAD)
+    r = out.response_ids.shape[1]
+    assert 1 <= r <= 5
+    assert out.sequences.shape == (2, 7 + r) and out.response_mask.shape == (2, r)
+    assert out.response_mask.dtype == torch.bool and out.logprobs is None
+    assert torch.equal(out.sequences[:, :7], ids)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_cached_logprobs_match_one_full_forward(model: GPT, temperature: float) -> None:
+    ids, mask = _prompts([4, 11, 7])
+    args = GenerationArgs(max_new_tokens=12, do_sample=False, temperature=temperature)
+    out = generate(model, ids, mask, args, eos_token_id=EOS, pad_token_id=PAD, output_logprobs=True)
+    full = _full_forward_logprobs(model, out, mask, temperature)
+    torch.testing.assert_close(out.logprobs[out.response_mask], full[out.response_mask], atol=1e-5, rtol=0)
+
+
+def test_sampled_logprobs_match_full_forward(model: GPT) -> None:
+    ids, mask = _prompts([5, 2, 9, 6])
+    g = torch.Generator().manual_seed(0)
+    args = GenerationArgs(max_new_tokens=10, temperature=0.9)
+    out = generate(
+        model, ids, mask, args, eos_token_id=EOS, pad_token_id=PAD, generator=g, output_logprobs=True
+    )
+    full = _full_forward_logprobs(model, out, mask, 0.9)
+    torch.testing.assert_close(out.logprobs[out.response_mask], full[out.response_mask], atol=1e-5, rtol=0)
+
+
+def test_cache_and_recompute_give_same_greedy_sequences(model: GPT) -> None:
+    ids, mask = _prompts([3, 8, 5])
+    args = GenerationArgs(max_new_tokens=10, do_sample=False)
+    a = generate(
+        model, ids, mask, args, eos_token_id=EOS, pad_token_id=PAD, use_cache=True, output_logprobs=True
+    )
+    b = generate(
+        model, ids, mask, args, eos_token_id=EOS, pad_token_id=PAD, use_cache=False, output_logprobs=True
+    )
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.response_mask, b.response_mask)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
+def test_batch_of_two_equals_two_batches_of_one(model: GPT) -> None:
+    ids, mask = _prompts([4, 9])
+    args = GenerationArgs(max_new_tokens=8, do_sample=False)
+    kw = dict(eos_token_id=EOS, pad_token_id=PAD, output_logprobs=True)
+    both = generate(model, ids, mask, args, **kw)
+    for i in range(2):
+        row_mask = mask[i]
+        alone = generate(model, ids[i : i + 1, row_mask], mask[i : i + 1, row_mask], args, **kw)
+        r = alone.response_ids.shape[1]
+        assert torch.equal(both.response_ids[i, :r], alone.response_ids[0])
+        assert torch.equal(both.response_mask[i, :r], alone.response_mask[0])
+        assert not both.response_mask[i, r:].any()
+        torch.testing.assert_close(both.logprobs[i, :r], alone.logprobs[0], atol=1e-5, rtol=0)
+
+
+class _Scripted(torch.nn.Module):
+    """A fake model whose greedy choice is scripted per row and step (to test EOS handling exactly)."""
+
+    def __init__(self, script: torch.Tensor) -> None:
+        super().__init__()
+        self.script = script  # (B, steps)
+        self.lm_head = torch.nn.Identity()
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        step = attention_mask.shape[1] - self.p if cache is None else cache.step
+        if cache is not None:
+            cache.step += 1
+        logits = torch.full((input_ids.shape[0], input_ids.shape[1], V), -1.0)
+        logits[:, -1].scatter_(-1, self.script[:, step : step + 1], 1.0)
+        return logits
+
+    def new_cache(self, batch_size: int, max_len: int):
+        return type("C", (), {"step": 0})()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_eos_truncation_and_mask(use_cache: bool) -> None:
+    script = torch.tensor([[5, EOS, 7, 8, 9], [5, 6, 7, 8, 9], [EOS, 3, 3, 3, 3]])
+    fake = _Scripted(script)
+    ids, mask = _prompts([2, 3, 1])
+    fake.p = ids.shape[1]
+    args = GenerationArgs(max_new_tokens=5, do_sample=False)
+    out = generate(fake, ids, mask, args, eos_token_id=EOS, pad_token_id=PAD, use_cache=use_cache)
+    assert out.response_ids.tolist() == [[5, EOS, PAD, PAD, PAD], [5, 6, 7, 8, 9], [EOS, PAD, PAD, PAD, PAD]]
+    assert out.response_mask.tolist() == [
+        [True, True, False, False, False],
+        [True] * 5,
+        [True, False, False, False, False],
+    ]
+
+
+def test_stops_early_when_all_rows_finished() -> None:
+    fake = _Scripted(torch.tensor([[5, EOS, 7, 8, 9], [EOS, 3, 3, 3, 3]]))
+    ids, mask = _prompts([2, 3])
+    fake.p = ids.shape[1]
+    out = generate(fake, ids, mask, GenerationArgs(5, do_sample=False), eos_token_id=EOS, pad_token_id=PAD)
+    assert out.response_ids.tolist() == [[5, EOS], [EOS, PAD]]
+    assert out.response_mask.tolist() == [[True, True], [True, False]]
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy(model: GPT) -> None:
+    ids, mask = _prompts([6, 3])
+    kw = dict(eos_token_id=EOS, pad_token_id=PAD)
+    greedy = generate(model, ids, mask, GenerationArgs(max_new_tokens=8, do_sample=False), **kw)
+    g = torch.Generator().manual_seed(0)
+    top_k = generate(model, ids, mask, GenerationArgs(max_new_tokens=8, top_k=1), generator=g, **kw)
+    top_p = generate(model, ids, mask, GenerationArgs(max_new_tokens=8, top_p=1e-6), generator=g, **kw)
+    assert torch.equal(top_k.sequences, greedy.sequences)
+    assert torch.equal(top_p.sequences, greedy.sequences)
+
+
+def test_sample_filters_keep_expected_support() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next_token(logits, GenerationArgs(1, top_k=2), g).tolist()) == {0, 1}
+    assert set(sample_next_token(logits, GenerationArgs(1, top_p=0.75), g).tolist()) == {0, 1}
+    assert set(sample_next_token(logits, GenerationArgs(1, top_p=0.85), g).tolist()) == {0, 1, 2}
+    full = sample_next_token(logits, GenerationArgs(1), g)
+    assert set(full.tolist()) == {0, 1, 2, 3}
+
+
+def test_generator_makes_sampling_reproducible_and_restores_train_mode(model: GPT) -> None:
+    ids, mask = _prompts([5, 5])
+    args = GenerationArgs(max_new_tokens=6)
+    kw = dict(eos_token_id=EOS, pad_token_id=PAD)
+    model.train()
+    try:
+        a = generate(model, ids, mask, args, generator=torch.Generator().manual_seed(7), **kw)
+        assert model.training
+    finally:
+        model.eval()
+    b = generate(model, ids, mask, args, generator=torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(a.sequences, b.sequences)
