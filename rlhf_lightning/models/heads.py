@@ -1,0 +1,113 @@
+"""Scalar heads: reward model and value model = backbone + ``Linear(D, 1)``.
+
+The reward model reads its score at the last real token of prompt + response (Ziegler et al., 2019, "Fine-Tuning
+Language Models from Human Preferences"; Huang et al., 2024, "The N+ Implementation Details of RLHF with PPO"), found
+from the attention mask by position arithmetic so it is right for left and right padding alike. The head starts small
+(weight std 1/sqrt(D + 1), bias 0) so that early scores sit near 0, and the model keeps ``score_mean``/``score_std``
+buffers (saved with the checkpoint) to normalise rewards to ~N(0, 1) for PPO.
+
+A backbone is anything with ``hidden_states(input_ids, attention_mask, position_ids) -> (B, T, D)``; D comes from
+``hidden_size`` or else ``backbone.config.n_embd`` (so Hugging Face adapters can plug in by passing ``hidden_size``).
+
+Deliberate deviation from docs/ARCHITECTURE.md: the normalisation statistics are two buffers, ``score_mean`` and
+``score_std``, rather than one ``score_stats`` buffer; the ``score_stats`` property returns them as a pair.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RewardModel", "ScalarHead", "ValueModel", "last_token_index"]
+
+
+class ScalarHead(nn.Module):
+    """``Linear(d, 1)`` with weight ~ N(0, 1/(d + 1)) and zero bias; (..., D) -> (...)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d, 1)
+        nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(d + 1))
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """(..., D) -> (...) in the head's dtype."""
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last True in each row of ``attention_mask`` (B, T) -> (B,) long; 0 for an all-False row.
+
+    ``max(t * mask[t])`` is correct for left padding, right padding and holes alike.
+    """
+    t = attention_mask.shape[-1]
+    positions = torch.arange(t, device=attention_mask.device)
+    return (positions * attention_mask.bool()).amax(-1)
+
+
+def _hidden_size(backbone: nn.Module, hidden_size: int | None) -> int:
+    if hidden_size is not None:
+        return hidden_size
+    config = getattr(backbone, "config", None)
+    for name in ("n_embd", "hidden_size"):
+        if hasattr(config, name):
+            return int(getattr(config, name))
+    raise ValueError("cannot infer the backbone's hidden size: pass hidden_size=")
+
+
+class RewardModel(nn.Module):
+    """Backbone + scalar head scored at the last real token: forward(input_ids, attention_mask) -> (B,)."""
+
+    score_mean: Tensor
+    score_std: Tensor
+
+    def __init__(self, backbone: nn.Module, hidden_size: int | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = ScalarHead(_hidden_size(backbone, hidden_size))
+        self.register_buffer("score_mean", torch.zeros(()))
+        self.register_buffer("score_std", torch.ones(()))
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """input_ids (B, T) long, attention_mask (B, T) bool -> raw scores (B,) (not normalised)."""
+        hidden = self.backbone.hidden_states(input_ids, attention_mask, position_ids)  # (B, T, D)
+        idx = last_token_index(attention_mask)  # (B,)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, D)
+        return self.head(last)
+
+    @property
+    def score_stats(self) -> tuple[Tensor, Tensor]:
+        """(mean, std) used by :meth:`normalize`."""
+        return self.score_mean, self.score_std
+
+    @torch.no_grad()
+    def set_score_stats(self, mean: float | Tensor, std: float | Tensor) -> None:
+        """Record the score statistics (e.g. measured on reference-policy samples); ``std`` must be > 0."""
+        std = torch.as_tensor(std, dtype=self.score_std.dtype)
+        if not bool(std > 0):
+            raise ValueError(f"score std must be > 0, got {float(std)}")
+        self.score_mean.fill_(torch.as_tensor(mean).item())
+        self.score_std.fill_(std.item())
+
+    def normalize(self, scores: Tensor) -> Tensor:
+        """(scores - score_mean) / score_std, any shape."""
+        return (scores - self.score_mean) / self.score_std
+
+
+class ValueModel(nn.Module):
+    """Backbone + scalar head on every position: forward(input_ids, attention_mask) -> values (B, T)."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = ScalarHead(_hidden_size(backbone, hidden_size))
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """input_ids (B, T) long, attention_mask (B, T) bool -> values (B, T) (garbage on padding; mask it)."""
+        return self.head(self.backbone.hidden_states(input_ids, attention_mask, position_ids))
