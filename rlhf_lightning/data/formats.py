@@ -148,6 +148,11 @@ def _got(value: Any, limit: int = 60) -> str:
     return f"got {_json_type(value)} ({preview})"
 
 
+def _turn(role: str) -> str:
+    """``"a 'user' turn"`` / ``"an 'assistant' turn"``."""
+    return f"{'an' if role == 'assistant' else 'a'} {role!r} turn"
+
+
 def _has_hh_markers(text: str) -> bool:
     return text.startswith(("Human:", "Assistant:")) or _HH_MARKER.search(text) is not None
 
@@ -157,10 +162,10 @@ def _split_hh(text: str) -> list[tuple[str, str]]:
     if text.startswith(("Human:", "Assistant:")):
         text = "\n\n" + text
     parts = _HH_MARKER.split(text)
-    if parts[0].strip():
-        raise ValueError(f"text before the first 'Human:' or 'Assistant:' marker: {parts[0].strip()[:40]!r}")
     if len(parts) == 1:
         raise ValueError("no '\\n\\nHuman:' or '\\n\\nAssistant:' turn markers")
+    if parts[0].strip():
+        raise ValueError(f"text before the first 'Human:' or 'Assistant:' marker: {parts[0].strip()[:40]!r}")
     return [(_HH_ROLES[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
 
 
@@ -248,7 +253,13 @@ def _parse_turns(
             try:
                 return _hh_prompt(value) if string_role == "user" else parse_hh_transcript(value)
             except ValueError as err:
-                raise DataFormatError(path, line, field, str(err), "a well-formed HH transcript") from None
+                raise DataFormatError(
+                    path,
+                    line,
+                    field,
+                    str(err),
+                    "an HH transcript of alternating, non-empty Human/Assistant turns",
+                ) from None
         if not value.strip():
             raise DataFormatError(path, line, field, "got an empty string", "non-empty text")
         return [{"role": string_role, "content": value}]
@@ -269,7 +280,7 @@ def _check_prompt_end(prompt: list[Message], *, path: PathLike, line: int | None
             path,
             line,
             field,
-            f"the prompt ends with a {prompt[-1]['role']!r} turn",
+            f"the prompt ends with {_turn(prompt[-1]['role'])}",
             "a prompt that ends with a user turn",
         )
 
@@ -292,7 +303,7 @@ def _check_reply(reply: list[Message], *, path: PathLike, line: int | None, fiel
                 path,
                 line,
                 field,
-                f"the reply {position} with a {reply[index]['role']!r} turn",
+                f"the reply {position} with {_turn(reply[index]['role'])}",
                 f"a reply that {position} with an assistant turn",
             )
 
@@ -401,7 +412,7 @@ def parse_preference(row: Any, *, path: PathLike = "<row>", line: int | None = N
                 path,
                 line,
                 "prompt",
-                f"the turns shared by 'chosen' and 'rejected' end with a {prompt[-1]['role']!r} turn",
+                f"the turns shared by 'chosen' and 'rejected' end with {_turn(prompt[-1]['role'])}",
                 "a shared prompt that ends with a user turn",
             )
         replies = {"chosen": chosen[shared:], "rejected": rejected[shared:]}
