@@ -109,8 +109,19 @@ def test_default_position_ids(model: GPT) -> None:
     torch.testing.assert_close(model(ids, mask), model(ids, mask, position_ids=pos))
 
 
-def test_cache_prefill_and_decode_match_full_forward(model: GPT) -> None:
-    ids, mask = _left_padded([5, 9, 2], 12)
+def test_right_padding_fast_path_matches_rows_alone(model: GPT) -> None:
+    ids = torch.randint(1, V, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 4:] = False
+    out = model(ids, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:1, :4], model(ids[:1, :4]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1:], model(ids[1:]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [[5, 9, 2], [12, 12, 12]])
+def test_cache_prefill_and_decode_match_full_forward(model: GPT, lengths: list[int]) -> None:
+    ids, mask = _left_padded(lengths, 12)
     mask[:, 9:] = True  # the last 3 tokens are "generated" for every row
     full = model(ids, mask)
     cache = model.new_cache(3, 16)

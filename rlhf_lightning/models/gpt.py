@@ -6,8 +6,9 @@ Architecture (a compact Llama/GPT-NeoX-style decoder):
 - rotary position embeddings, RoPE (Su et al., 2021, "RoFormer: Enhanced Transformer with Rotary Position
   Embedding"), in the "rotate half" layout of GPT-NeoX/Llama, computed from explicit ``position_ids`` so that
   left-padded rows get positions 0, 1, ... on their real tokens;
-- attention through ``torch.nn.functional.scaled_dot_product_attention`` (fast ``is_causal`` path when nothing is
-  padded and there is no cache, a boolean mask otherwise);
+- attention through ``torch.nn.functional.scaled_dot_product_attention``: the fast ``is_causal`` path (flash kernels)
+  whenever nothing is cached yet and no row has left padding or holes (right padding needs no mask: causality already
+  hides trailing pads from real queries), an explicit (B, 1, T, S) boolean mask otherwise;
 - SwiGLU MLP (Shazeer, 2020, "GLU Variants Improve Transformer") or GELU MLP (GPT-2);
 - GPT-2 initialisation (Radford et al., 2019): N(0, 0.02) everywhere, residual output projections scaled by
   1/sqrt(2 * n_layer); optional tied input/output embeddings (Press & Wolf, 2017).
@@ -279,6 +280,11 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
+def _right_padded_only(attention_mask: Tensor) -> bool:
+    """True when every row of ``attention_mask`` (B, T) is real tokens followed only by padding (or no padding)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 class GPT(nn.Module):
     """Decoder-only language model. See the module docstring for masking and position conventions.
 
@@ -370,36 +376,29 @@ class GPT(nn.Module):
         if attention_mask is not None:
             attention_mask = attention_mask[:, -t:].bool()
 
-        if cache is None:
-            if t > self.config.max_seq_len:
-                raise ValueError(f"sequence length {t} > max_seq_len {self.config.max_seq_len}")
-            padded = attention_mask is not None and not bool(attention_mask.all())
-            if position_ids is None:
-                position_ids = (
-                    (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-                    if padded
-                    else torch.arange(t, device=device).expand(b, t)
-                )
-            mask = None
-            if padded:
-                # Causal and key not padding, or the diagonal (keeps pad queries finite): (B, 1, T, T).
-                causal = torch.ones(t, t, dtype=torch.bool, device=device).tril_()
-                eye = torch.eye(t, dtype=torch.bool, device=device)
-                mask = (causal & attention_mask[:, None, None, :]) | eye
-            start = 0
-        else:
+        if cache is None and t > self.config.max_seq_len:
+            raise ValueError(f"sequence length {t} > max_seq_len {self.config.max_seq_len}")
+        if cache is not None and attention_mask is None:
+            attention_mask = torch.ones(b, t, dtype=torch.bool, device=device)
+        if position_ids is None:
             if attention_mask is None:
-                attention_mask = torch.ones(b, t, dtype=torch.bool, device=device)
-            n_before = cache.n_real
-            if position_ids is None:
-                position_ids = (n_before[:, None] + attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-            start = cache.append(attention_mask)
-            end = start + t
-            # Query i sits at slot start + i; key j is allowed if j <= start + i and real, or j == start + i.
+                position_ids = torch.arange(t, device=device).expand(b, t)
+            else:
+                before = 0 if cache is None else cache.n_real[:, None]  # real tokens already cached
+                position_ids = (before + attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+        start = 0 if cache is None else cache.append(attention_mask)
+        end = start + t
+        # Fast path (SDPA is_causal, flash kernels): nothing cached before and no key to hide from a real query,
+        # i.e. no padding or right padding only (causality already hides trailing pads from real tokens).
+        mask = None
+        if start > 0 or (attention_mask is not None and not _right_padded_only(attention_mask)):
+            # Query i sits at slot start + i; key j is allowed if j <= start + i and real, or j == start + i
+            # (so a pad query attends to itself instead of nothing, which would give NaN).
+            keys = attention_mask if cache is None else cache.key_mask[:, :end]  # (B, S)
             q_slot = torch.arange(start, end, device=device)[:, None]  # (T, 1)
             k_slot = torch.arange(end, device=device)[None, :]  # (1, S)
-            allowed = (k_slot <= q_slot) & cache.key_mask[:, None, None, :end]  # (B, 1, T, S)
-            mask = allowed | (k_slot == q_slot)
+            mask = ((k_slot <= q_slot) & keys[:, None, None, :]) | (k_slot == q_slot)  # (B, 1, T, S)
 
         x = self.drop(self.wte(input_ids))
         cos, sin = self._rope(position_ids, x.dtype)
