@@ -1,0 +1,192 @@
+"""Reward model: Bradley-Terry training on chosen/rejected pairs.
+
+``training_step``:
+    1. score chosen and rejected in one forward (rows [0, B) chosen, [B, 2B) rejected), each read at its last real
+       token,
+    2. loss ``-log sigmoid(r_chosen - r_rejected - margin)`` (``functional.losses.pairwise_loss``),
+    3. log loss, accuracy (torchmetrics), mean chosen and rejected scores and their margin.
+
+Metric keys follow ``<phase>/<quantity>`` (``train/loss``, ``val/accuracy``, ``val/margin``, ...); the training
+accuracy is ``reward/accuracy``, the key DESIGN.md names.
+
+Every validation pass also records the mean and standard deviation of the scores of all validation responses (chosen
+and rejected) in the reward model's ``score_mean`` / ``score_std`` buffers, so the checkpoint the ModelCheckpoint keeps
+carries the statistics of its own weights and PPO can normalise rewards to ~N(0, 1) (Ziegler et al. 2019; Huang et
+al. 2024, "reward normalisation"). The scalar head starts small (std 1/sqrt(d+1), bias 0) so early scores sit near 0.
+
+Sources: Bradley & Terry 1952; Ouyang et al. 2022 (InstructGPT) for the pairwise loss; margin as in Llama 2
+(Touvron et al. 2023).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAccuracy
+
+from rlhf_lightning.functional.losses import pairwise_loss
+from rlhf_lightning.models.factory import ModelArgs, build_model, model_from_spec, model_spec
+from rlhf_lightning.models.heads import RewardModel
+from rlhf_lightning.optim import WarmupCosineLR, bind_total_steps
+from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY, load_backbone, load_checkpoint, submodule_state
+from rlhf_lightning.stages.tokenizer_link import (
+    reconcile_tokenizers,
+    resolve_tokenizer,
+    tokenizer_from_payload,
+    tokenizer_payload,
+)
+from rlhf_lightning.types import PreferenceBatch
+
+PREFIX = "reward_model."
+
+
+class RewardModule(LightningModule):
+    """Pairwise (Bradley-Terry) reward-model training.
+
+    Args:
+        init_from: the SFT checkpoint (file or stage folder) whose backbone the reward model starts from; a reward
+            checkpoint also works (its head is kept). ``None`` trains from random weights built from ``model``.
+        model: architecture when ``init_from`` is ``None``.
+        tokenizer_path: a ``tokenizer.json`` to use when the DataModule provides no tokenizer.
+        optimizer: optimizer factory (AdamW by default).
+        scheduler: learning-rate schedule factory, stepped every optimizer step.
+    """
+
+    def __init__(
+        self,
+        init_from: str | None = None,
+        model: ModelArgs = ModelArgs(),
+        tokenizer_path: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable = WarmupCosineLR,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.init_from = init_from
+        self.model_args = model
+        self.tokenizer_path = tokenizer_path
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.reward_model: RewardModel | None = None
+        self.tokenizer = None
+        self.train_accuracy = BinaryAccuracy()
+        self.val_accuracy = BinaryAccuracy()
+        self.test_accuracy = BinaryAccuracy()
+        self.val_loss = MeanMetric()
+        self._val_scores: list[torch.Tensor] = []
+
+    # -- weights ---------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.reward_model is not None:
+            return
+        self.tokenizer = resolve_tokenizer(self, self.tokenizer_path)
+        if self.init_from is not None:
+            backbone, stored, checkpoint = load_backbone(self.init_from)
+            self.tokenizer = reconcile_tokenizers(self.tokenizer, stored, self.init_from)
+            self.reward_model = RewardModel(backbone)
+            if (
+                checkpoint[PAYLOAD_KEY]["stage"] == "reward"
+            ):  # continue from a reward model: keep its head too
+                self.reward_model.load_state_dict(submodule_state(checkpoint["state_dict"], PREFIX))
+        elif self.tokenizer is not None:
+            self.reward_model = RewardModel(build_model(self.model_args, self.tokenizer.vocab_size))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[PAYLOAD_KEY] = {
+            "stage": "reward",
+            "backbone_prefix": PREFIX + "backbone.",
+            "reward_prefix": PREFIX,
+            "model_spec": model_spec(self.reward_model.backbone),
+            "score_mean": float(self.reward_model.score_mean),
+            "score_std": float(self.reward_model.score_std),
+            **tokenizer_payload(self.tokenizer),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.reward_model is None:
+            payload = checkpoint[PAYLOAD_KEY]
+            self.reward_model = RewardModel(model_from_spec(payload["model_spec"]))
+            self.tokenizer = tokenizer_from_payload(payload)
+
+    # -- steps -------------------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Raw scores (B,) of right- or left-padded sequences."""
+        return self.reward_model(input_ids, attention_mask)
+
+    def _pair_step(
+        self, batch: PreferenceBatch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        scores = self(batch.input_ids, batch.attention_mask)  # 1. one forward for chosen and rejected: (2B,)
+        chosen, rejected = scores.chunk(2)
+        loss, stats = pairwise_loss(chosen, rejected, batch.margin)  # 2. Bradley-Terry loss
+        return loss, stats, scores
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
+        loss, stats, scores = self._pair_step(batch)
+        self._log_pairs("train", loss, stats, scores, self.train_accuracy, len(batch))  # 3. log
+        return loss
+
+    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        loss, stats, scores = self._pair_step(batch)
+        self.val_loss.update(loss, weight=len(batch))
+        self._log_pairs("val", None, stats, scores, self.val_accuracy, len(batch))
+        self._val_scores.append(scores.detach().float())
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.val_loss.reset()
+        if self._val_scores and not self.trainer.sanity_checking:
+            scores = self.all_gather(torch.cat(self._val_scores)).flatten()
+            std = scores.std() if scores.numel() > 1 else scores.new_tensor(1.0)
+            self.reward_model.set_score_stats(scores.mean(), std.clamp(min=1e-6))
+            self.log("val/score_mean", scores.mean())
+            self.log("val/score_std", std)
+        self._val_scores.clear()
+
+    def test_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        loss, stats, scores = self._pair_step(batch)
+        self._log_pairs("test", loss, stats, scores, self.test_accuracy, len(batch))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Raw scores (B,) of a batch with ``input_ids`` and ``attention_mask`` (e.g. conversations to score)."""
+        return self(batch.input_ids, batch.attention_mask)
+
+    def _log_pairs(self, phase, loss, stats, scores, accuracy, batch_size) -> None:
+        chosen, rejected = scores.detach().chunk(2)
+        accuracy.update(
+            chosen - rejected, torch.ones_like(chosen, dtype=torch.long)
+        )  # p > 0.5 <=> chosen > rejected
+        on_step = phase == "train"
+        if loss is not None:
+            self.log(f"{phase}/loss", loss, prog_bar=on_step, batch_size=batch_size)
+        accuracy_key = "reward/accuracy" if phase == "train" else f"{phase}/accuracy"
+        self.log(accuracy_key, accuracy, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=batch_size)
+        self.log(f"{phase}/chosen_score", stats["chosen_mean"], batch_size=batch_size)
+        self.log(f"{phase}/rejected_score", stats["rejected_mean"], batch_size=batch_size)
+        self.log(f"{phase}/margin", stats["margin_mean"], batch_size=batch_size)
+
+    # -- optimisation ----------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.reward_model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        scheduler = self.scheduler_factory(optimizer)
+        bind_total_steps(scheduler, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def load_reward_model(path: str) -> tuple[RewardModel, Any]:
+    """The reward model (with its score statistics) and tokenizer stored in a reward checkpoint."""
+    checkpoint = load_checkpoint(path)
+    payload = checkpoint[PAYLOAD_KEY]
+    if payload["stage"] != "reward":
+        raise ValueError(f"{path}: a '{payload['stage']}' checkpoint; expected a reward-model checkpoint")
+    model = RewardModel(model_from_spec(payload["model_spec"]))
+    model.load_state_dict(submodule_state(checkpoint["state_dict"], payload["reward_prefix"]))
+    return model.eval(), tokenizer_from_payload(payload)

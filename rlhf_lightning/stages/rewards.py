@@ -1,0 +1,128 @@
+"""Reward sources and the shaping of sequence scores for PPO.
+
+A score is a weighted sum of sources: the reward model (``model_weight``) and Python callables named
+``"package.module:function"``. A callable receives ``(prompt, response, row)``: the prompt messages, the decoded
+response text (truncated at EOS, what a user would see) and the prompt row's extra fields (e.g. GSM8K's ``answer``),
+and returns a float.
+
+Shaping, in order (Huang et al. 2024, arXiv 2403.17031; Zheng et al. 2023 "PPO-max", arXiv 2307.04964):
+    1. the reward model's score is normalised with the mean/std stored in its checkpoint (``normalize``),
+    2. optionally scaled by a running std of all scores seen so far (``running_normalize``, PPO-max),
+    3. clipped to ``[-clip, clip]``,
+    4. a response that ran to the length limit without EOS gets the fixed ``missing_eos_score`` instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlhf_lightning.functional.advantages import RunningMoments
+
+RewardFunction = Callable[[list[dict[str, str]], str, dict[str, Any]], float]
+
+
+@dataclass(frozen=True)
+class RewardArgs:
+    """Where PPO's sequence scores come from and how they are shaped.
+
+    Args:
+        model_weight: weight of the reward model's (normalised) score; 0 leaves the reward model out.
+        functions: reward callables as ``"package.module:function"`` strings.
+        function_weights: one weight per function (default 1.0 each).
+        normalize: normalise the reward model's score with the mean/std stored in its checkpoint.
+        running_normalize: divide scores by a running standard deviation of all scores so far (PPO-max).
+        clip: clip the combined score to ``[-clip, clip]``; ``None`` disables clipping.
+        missing_eos_score: score given to responses that hit the length limit without EOS; ``None`` disables.
+    """
+
+    model_weight: float = 1.0
+    functions: list[str] = field(default_factory=list)
+    function_weights: list[float] | None = None
+    normalize: bool = True
+    running_normalize: bool = False
+    clip: float | None = 5.0
+    missing_eos_score: float | None = -1.0
+
+    def __post_init__(self) -> None:
+        if self.function_weights is not None and len(self.function_weights) != len(self.functions):
+            raise ValueError(
+                f"rewards.function_weights has {len(self.function_weights)} entries; expected one per function "
+                f"({len(self.functions)})"
+            )
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"rewards.clip must be > 0 or null, got {self.clip}")
+        if self.model_weight == 0 and not self.functions:
+            raise ValueError("no reward source: set rewards.model_weight > 0 or give rewards.functions")
+
+
+def load_reward_function(spec: str) -> RewardFunction:
+    """Import ``"package.module:function"``; errors say which part is wrong."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward function {spec!r}: expected the form 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"reward function {spec!r}: cannot import module {module_name!r} ({err})") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: module {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+class SequenceScorer:
+    """Turns finished responses into shaped scores ``(B,)`` (see the module docstring for the order of steps)."""
+
+    def __init__(self, args: RewardArgs, reward_model: torch.nn.Module | None) -> None:
+        if args.model_weight != 0 and reward_model is None:
+            raise ValueError("rewards.model_weight is non-zero but no reward model was given (reward_from)")
+        self.args = args
+        self.reward_model = reward_model
+        self.functions = [load_reward_function(spec) for spec in args.functions]
+        self.function_weights = list(args.function_weights or [1.0] * len(self.functions))
+        self.running = RunningMoments()
+
+    @torch.no_grad()
+    def raw_scores(
+        self,
+        sequences: torch.Tensor,
+        sequence_mask: torch.Tensor,
+        prompts: Sequence[list[dict[str, str]]],
+        responses: Sequence[str],
+        rows: Sequence[dict[str, Any]],
+        forward_batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Weighted sum of the sources before clipping and penalties. sequences/sequence_mask (B, T) -> (B,)."""
+        total = torch.zeros(sequences.shape[0], device=sequences.device)
+        if self.args.model_weight != 0:
+            chunk = forward_batch_size or sequences.shape[0]
+            scores = torch.cat(
+                [
+                    self.reward_model(sequences[i : i + chunk], sequence_mask[i : i + chunk]).float()
+                    for i in range(0, sequences.shape[0], chunk)
+                ]
+            )
+            if self.args.normalize:
+                scores = self.reward_model.normalize(scores)
+            total += self.args.model_weight * scores
+        for fn, weight in zip(self.functions, self.function_weights):
+            values = [float(fn(list(p), r, dict(row))) for p, r, row in zip(prompts, responses, rows)]
+            total += weight * torch.tensor(values, device=total.device)
+        return total
+
+    def shape(self, raw: torch.Tensor, ended_with_eos: torch.Tensor) -> torch.Tensor:
+        """Running normalisation, clipping and the missing-EOS score: raw (B,), ended_with_eos (B,) bool -> (B,)."""
+        scores = raw
+        if self.args.running_normalize:
+            self.running.update(raw)
+            scores = scores / max(self.running.std, 1e-6)
+        if self.args.clip is not None:
+            scores = scores.clamp(-self.args.clip, self.args.clip)
+        if self.args.missing_eos_score is not None:
+            scores = torch.where(ended_with_eos, scores, torch.full_like(scores, self.args.missing_eos_score))
+        return scores

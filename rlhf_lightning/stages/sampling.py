@@ -1,0 +1,51 @@
+"""Turn chat prompts into sampled replies with a policy and its tokenizer (CLI ``generate``, sample tables)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from rlhf_lightning.models.generation import GenerationArgs, generate
+from rlhf_lightning.types import Message
+
+
+def sample_replies(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[list[Message]],
+    args: GenerationArgs,
+    *,
+    seed: int | None = None,
+) -> list[str]:
+    """One reply per conversation in ``prompts``, decoded up to (not including) the first EOS."""
+    device = next(model.parameters()).device
+    rendered = [tokenizer.render_prompt(list(messages)) for messages in prompts]
+    width = max(len(ids) for ids in rendered)
+    input_ids = torch.full((len(rendered), width), tokenizer.pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rendered), width), dtype=torch.bool)
+    for row, ids in enumerate(rendered):  # left padding, masks from lengths
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = True
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        out = generate(
+            model,
+            input_ids.to(device),
+            attention_mask.to(device),
+            args,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.pad_id,
+            generator=generator,
+        )
+    finally:
+        model.train(was_training)
+    replies = []
+    for ids, mask in zip(out.response_ids.tolist(), out.response_mask.tolist()):
+        kept = [t for t, m in zip(ids, mask) if m and t != tokenizer.eos_id]
+        replies.append(tokenizer.decode(kept))
+    return replies

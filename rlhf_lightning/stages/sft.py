@@ -1,0 +1,147 @@
+"""Supervised fine-tuning of a chat model on conversations.
+
+``training_step``:
+    1. forward the right-padded conversations (one causal-LM pass),
+    2. next-token cross-entropy on assistant tokens only (every assistant turn, each reply's closing EOS included),
+    3. log ``train/loss`` and non-padding tokens per second.
+
+Validation logs the token-weighted ``val/loss`` and ``val/ppl = exp(val/loss)``.
+
+Choices: the loss is a mean over assistant tokens of the whole batch (not a mean of per-conversation means), as in
+most SFT trainers, so long replies weigh by their length. Weights are built in ``configure_model`` (never in
+``__init__``), from a fresh preset or from ``init_from`` (a checkpoint or a stage folder). The tokenizer comes from the
+DataModule that meets this module in the Trainer (duck-typed ``datamodule.tokenizer``), or from ``tokenizer_path``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
+
+from rlhf_lightning.functional.losses import sft_loss
+from rlhf_lightning.models.factory import ModelArgs, build_model, model_from_spec, model_spec
+from rlhf_lightning.optim import WarmupCosineLR, bind_total_steps
+from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY, load_backbone
+from rlhf_lightning.stages.tokenizer_link import (
+    reconcile_tokenizers,
+    resolve_tokenizer,
+    tokenizer_from_payload,
+    tokenizer_payload,
+)
+from rlhf_lightning.types import SFTBatch
+
+
+class SFTModule(LightningModule):
+    """Causal-LM fine-tuning with the loss on assistant tokens.
+
+    Args:
+        model: architecture of the built-in model (ignored when ``init_from`` is set: the checkpoint's is used).
+        init_from: start from this checkpoint (file or stage folder) instead of random weights.
+        tokenizer_path: a ``tokenizer.json`` to use when the DataModule provides no tokenizer.
+        optimizer: optimizer factory (AdamW by default; set lr and weight decay in the config).
+        scheduler: learning-rate schedule factory, stepped every optimizer step (warm-up + cosine by default).
+    """
+
+    def __init__(
+        self,
+        model: ModelArgs = ModelArgs(),
+        init_from: str | None = None,
+        tokenizer_path: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable = WarmupCosineLR,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.model_args = model
+        self.init_from = init_from
+        self.tokenizer_path = tokenizer_path
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.model: torch.nn.Module | None = None
+        self.tokenizer = None
+        self.val_loss = MeanMetric()
+        self._step_started: float | None = None
+
+    # -- weights ---------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.tokenizer = resolve_tokenizer(self, self.tokenizer_path)
+        if self.init_from is not None:
+            self.model, stored, _ = load_backbone(self.init_from)
+            self.tokenizer = reconcile_tokenizers(self.tokenizer, stored, self.init_from)
+        elif self.tokenizer is not None:
+            self.model = build_model(self.model_args, self.tokenizer.vocab_size)
+        # else: built from the checkpoint payload in on_load_checkpoint (load_from_checkpoint without a Trainer)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[PAYLOAD_KEY] = {
+            "stage": "sft",
+            "backbone_prefix": "model.",
+            "model_spec": model_spec(self.model),
+            **tokenizer_payload(self.tokenizer),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.model is None:
+            payload = checkpoint[PAYLOAD_KEY]
+            self.model = model_from_spec(payload["model_spec"])
+            self.tokenizer = tokenizer_from_payload(payload)
+
+    # -- steps -------------------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, attention_mask=attention_mask)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: SFTBatch, batch_idx: int) -> torch.Tensor:
+        logits = self(batch.input_ids, batch.attention_mask)  # 1. forward
+        loss, stats = sft_loss(logits, batch.input_ids, batch.loss_mask)  # 2. loss on assistant tokens
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))  # 3. log
+        self.log("train/target_tokens", stats["tokens"].float(), reduce_fx="sum", batch_size=len(batch))
+        self._tokens_in_step = int(batch.attention_mask.sum())
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._step_started is not None:
+            elapsed = time.perf_counter() - self._step_started
+            self.log("train/tokens_per_sec", self._tokens_in_step / max(elapsed, 1e-9), prog_bar=True)
+
+    def validation_step(self, batch: SFTBatch, batch_idx: int) -> None:
+        logits = self(batch.input_ids, batch.attention_mask)
+        loss, stats = sft_loss(logits, batch.input_ids, batch.loss_mask)
+        self.val_loss.update(loss, weight=stats["tokens"].float())  # token-weighted over the whole split
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss.clamp(max=50.0)))
+
+    def test_step(self, batch: SFTBatch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("test/loss", loss)
+        self.log("test/ppl", torch.exp(loss.clamp(max=50.0)))
+
+    # -- optimisation ----------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+        optimizer = self.optimizer_factory(
+            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+        )
+        scheduler = self.scheduler_factory(optimizer)
+        bind_total_steps(scheduler, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

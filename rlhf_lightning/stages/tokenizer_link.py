@@ -1,0 +1,65 @@
+"""Where a stage gets its tokenizer, and how a checkpoint carries it.
+
+A stage never imports a DataModule: it meets one in the Trainer and takes ``trainer.datamodule.tokenizer`` when the
+DataModule offers one (duck typing, so users' own DataModules work too), else the stage's own ``tokenizer_path``.
+Checkpoints embed the tokenizer's ``tokenizer.json`` text so a checkpoint alone is enough to sample or continue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from rlhf_lightning.tokenization import ChatTokenizer
+
+
+def resolve_tokenizer(module: Any, tokenizer_path: str | None) -> ChatTokenizer | None:
+    """The tokenizer of the DataModule attached to ``module``'s Trainer, else the one at ``tokenizer_path``."""
+    trainer = getattr(module, "_trainer", None)
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if datamodule is not None:
+        getter = getattr(datamodule, "prepare_tokenizer", None)
+        tok = getattr(datamodule, "tokenizer", None)
+        if tok is None and callable(getter):
+            tok = getter()
+        if tok is not None:
+            return tok
+    if tokenizer_path is not None:
+        return ChatTokenizer.from_file(tokenizer_path)
+    return None
+
+
+def tokenizer_payload(tokenizer: ChatTokenizer | None) -> dict[str, Any]:
+    """Checkpoint entries that carry ``tokenizer``."""
+    if tokenizer is None:
+        return {}
+    return {"tokenizer_json": tokenizer.tokenizer.to_str()}
+
+
+def tokenizer_from_payload(payload: dict[str, Any]) -> ChatTokenizer | None:
+    """The tokenizer a checkpoint payload carries, if any."""
+    text = payload.get("tokenizer_json")
+    return None if text is None else ChatTokenizer(Tokenizer.from_str(text), source="checkpoint")
+
+
+def reconcile_tokenizers(
+    provided: ChatTokenizer | None, stored: ChatTokenizer | None, checkpoint: str
+) -> ChatTokenizer:
+    """The tokenizer a stage starting from ``checkpoint`` must use.
+
+    The checkpoint's embeddings only make sense with the tokenizer it was trained with, so a DataModule tokenizer that
+    differs from the stored one is an error, not something to paper over.
+    """
+    if provided is None and stored is None:
+        raise ValueError(
+            f"{checkpoint}: no tokenizer: the checkpoint carries none and the DataModule offers none"
+        )
+    if provided is None:
+        return stored
+    if stored is not None and provided.tokenizer.to_str() != stored.tokenizer.to_str():
+        raise ValueError(
+            f"the DataModule's tokenizer ({provided.source}) differs from the one stored in {checkpoint}; "
+            "expected the same tokenizer: point the data's tokenizer_path at the file the earlier stage used"
+        )
+    return provided
