@@ -69,11 +69,14 @@ def test_bucketing_cuts_padding_on_real_lengths():
     ) < (rand_pad / 2)
 
 
-def test_no_shuffle_sorts_longest_first():
+def test_no_shuffle_keeps_order_or_sorts_longest_first():
     lengths = [3, 9, 1, 9, 5]
-    s = LengthBucketBatchSampler(lengths, 2, shuffle=False)
-    assert list(s) == [[1, 3], [4, 0], [2]]
-    assert list(LengthBucketBatchSampler(lengths, 2, shuffle=False, drop_last=True)) == [[1, 3], [4, 0]]
+    sequential = LengthBucketBatchSampler(lengths, 2, shuffle=False, bucket_size_multiplier=1)
+    assert list(sequential) == [[1, 0], [3, 2], [4]]  # dataset order, each batch sorted inside
+    everything = LengthBucketBatchSampler(lengths, 2, shuffle=False, bucket_size_multiplier=10)
+    assert list(everything) == [[1, 3], [4, 0], [2]]
+    dropped = LengthBucketBatchSampler(lengths, 2, shuffle=False, drop_last=True, bucket_size_multiplier=10)
+    assert list(dropped) == [[1, 3], [4, 0]]
 
 
 def test_shards_across_ranks_cover_everything():

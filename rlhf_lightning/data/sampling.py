@@ -39,8 +39,10 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
     Args:
         lengths: token length of each dataset item (index ``i`` has length ``lengths[i]``).
         batch_size: items per batch.
-        shuffle: shuffle (train). When False every index is sorted by length, longest first, and batched in that
-            order (evaluation: least padding, and an out-of-memory batch shows up at once).
+        shuffle: shuffle the indices and the order of the batches (train). When False the indices keep dataset
+            order: chunks are still sorted by length, and batches come in order, so ``bucket_size_multiplier=1``
+            is plain sequential batching and a multiplier of at least ``len / batch_size`` sorts everything,
+            longest first.
         seed: base seed; the permutation of epoch ``e`` depends only on ``(seed, e)``.
         drop_last: drop the one short batch (if any) instead of yielding it.
         bucket_size_multiplier: a chunk of ``batch_size * bucket_size_multiplier`` shuffled indices is sorted by
@@ -83,27 +85,20 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         n = len(self.lengths)
         if n == 0:
             return []
-        if not self.shuffle:
-            # stable sort on -length: ties keep index order, so the result is fully deterministic
-            order = torch.sort(-self.lengths, stable=True).indices
-            batches = [order[i : i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
-        else:
-            g = _epoch_generator(self.seed, epoch)
-            perm = torch.randperm(n, generator=g)
-            chunk = self.batch_size * self.bucket_size_multiplier
-            batches = []
-            for start in range(0, n, chunk):
-                idx = perm[start : start + chunk]
-                idx = idx[torch.sort(-self.lengths[idx], stable=True).indices]
-                batches.extend(
-                    idx[i : i + self.batch_size].tolist() for i in range(0, len(idx), self.batch_size)
-                )
-            # only the very last batch (end of the last chunk) can be short: drop it before shuffling the order
-            if self.drop_last and len(batches[-1]) < self.batch_size:
-                batches.pop()
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-        if not self.shuffle and self.drop_last and batches and len(batches[-1]) < self.batch_size:
+        g = _epoch_generator(self.seed, epoch)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        chunk = self.batch_size * self.bucket_size_multiplier
+        batches: list[list[int]] = []
+        for start in range(0, n, chunk):
+            idx = order[start : start + chunk]
+            # stable sort on -length: longest first, ties keep their (shuffled) order, so it is deterministic
+            idx = idx[torch.sort(-self.lengths[idx], stable=True).indices]
+            batches.extend(idx[i : i + self.batch_size].tolist() for i in range(0, len(idx), self.batch_size))
+        # only the very last batch (end of the last chunk) can be short
+        if self.drop_last and len(batches[-1]) < self.batch_size:
             batches.pop()
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return batches
 
     def epoch_batches(self, epoch: int | None = None) -> list[list[int]]:
