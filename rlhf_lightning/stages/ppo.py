@@ -1,0 +1,442 @@
+"""PPO for language models (RLHF), as a LightningModule with manual optimisation.
+
+One ``training_step`` is one PPO iteration over a batch of ``ppo_batch_size`` prompts:
+    1. rollout: sample responses, score them, per-token KL-penalised rewards, GAE, whitened advantages
+       (``stages/rollout.py``; no gradients),
+    2. update: ``epochs`` passes over shuffled minibatches; each minibatch accumulates gradients over micro-batches,
+       clips each network's global gradient norm, and steps the policy and critic optimizers,
+    3. adapt the KL coefficient (fixed or adaptive controller),
+    4. log everything in the checklist's "What to watch" and, every ``sample_every_n`` iterations, a sample table.
+
+Models: policy (trainable, from the SFT checkpoint), reference (frozen copy of the same checkpoint), reward model
+(frozen, from the reward checkpoint), critic (own weights initialised from the reward model, value per token; or a
+value head on the policy trunk with ``share_value_trunk``). Dropout is switched off in all of them so that the
+first minibatch of an iteration sees ratio == 1 exactly.
+
+Sources: Schulman et al. 2017 (PPO); Ziegler et al. 2019 and Ouyang et al. 2022 (RLHF PPO, adaptive KL);
+Huang et al. 2024 "The N+ Implementation Details of RLHF with PPO" (arXiv 2403.17031); Zheng et al. 2023 (PPO-max).
+Choices: k1 is the KL penalty in the reward (k1 and k3 are logged); the score is added at the last response token;
+a response without EOS gets a fixed score; each network's gradient norm is clipped separately (they have separate
+optimizers).
+
+Deliberate deviation from "override public hooks only": Lightning counts one global step per optimizer step, which
+would make ``max_steps``, ``ModelCheckpoint(every_n_train_steps)`` and resume count minibatches. The PPO updates step
+the raw optimizers and the module counts one global step per PPO iteration (``_count_iteration``), so every
+Lightning mechanism counts iterations.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+
+from rlhf_lightning.functional.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3
+from rlhf_lightning.functional.logprobs import entropy_from_logits, logprobs_from_logits
+from rlhf_lightning.functional.losses import ppo_policy_loss, ppo_value_loss
+from rlhf_lightning.functional.masked import masked_mean
+from rlhf_lightning.models.factory import model_from_spec, model_spec
+from rlhf_lightning.models.generation import GenerationArgs
+from rlhf_lightning.models.heads import RewardModel, ValueModel
+from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY, load_checkpoint, submodule_state
+from rlhf_lightning.stages.rewards import RewardArgs, SequenceScorer
+from rlhf_lightning.stages.rollout import make_rollout, policy_logits, response_values
+from rlhf_lightning.stages.sample_tables import log_table
+from rlhf_lightning.stages.tokenizer_link import reconcile_tokenizers, resolve_tokenizer, tokenizer_payload
+from rlhf_lightning.types import PromptBatch, Rollout
+
+
+@dataclass(frozen=True)
+class PPOArgs:
+    """PPO hyper-parameters.
+
+    Args:
+        iterations: PPO iterations to run (one iteration = one rollout batch + its updates).
+        epochs: passes over each rollout batch.
+        minibatch_size: rollout rows per optimizer step.
+        micro_batch_size: rows per forward/backward (gradient accumulation when < minibatch_size; None = minibatch).
+        forward_batch_size: rows per no-grad forward during the rollout (None = the whole batch).
+        clip_eps: policy ratio clipping epsilon.
+        value_clip_eps: value clipping range around the rollout values.
+        vf_coef: weight of the value loss.
+        entropy_coef: weight of an entropy bonus (0 = off, the default).
+        gamma: discount.
+        lam: GAE lambda.
+        whiten_advantages: normalise advantages over the valid tokens of the batch.
+        max_grad_norm: global gradient-norm clip per network (None = off).
+        critic_warmup_iterations: first iterations that train only the critic.
+        kl_beta: (initial) KL penalty coefficient.
+        kl_target: target KL per sequence for the adaptive controller; None keeps beta fixed.
+        kl_horizon: horizon of the adaptive controller, in sequences.
+    """
+
+    iterations: int = 100
+    epochs: int = 4
+    minibatch_size: int = 8
+    micro_batch_size: int | None = None
+    forward_batch_size: int | None = None
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    max_grad_norm: float | None = 1.0
+    critic_warmup_iterations: int = 0
+    kl_beta: float = 0.05
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+
+    def __post_init__(self) -> None:
+        checks = {
+            "iterations": self.iterations >= 1,
+            "epochs": self.epochs >= 1,
+            "minibatch_size": self.minibatch_size >= 1,
+            "micro_batch_size": self.micro_batch_size is None
+            or 1 <= self.micro_batch_size <= self.minibatch_size,
+            "clip_eps": self.clip_eps > 0,
+            "kl_beta": self.kl_beta >= 0,
+            "gamma": 0 <= self.gamma <= 1,
+            "lam": 0 <= self.lam <= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid PPO arguments: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+
+
+def _no_dropout(spec: dict[str, Any]) -> dict[str, Any]:
+    spec = copy.deepcopy(spec)
+    if "dropout" in spec.get("config", {}):
+        spec["config"]["dropout"] = 0.0
+    return spec
+
+
+def _freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class PPOModule(LightningModule):
+    """RLHF PPO stage (see the module docstring for the numbered steps of ``training_step``).
+
+    Args:
+        policy_from: SFT checkpoint (file or stage folder): the policy and the frozen reference.
+        reward_from: reward-model checkpoint (file or folder); ``None`` when only reward functions are used.
+        value_from: checkpoint whose backbone initialises the critic (default: ``reward_from``, else the policy).
+        tokenizer_path: a ``tokenizer.json`` to use when the DataModule provides no tokenizer.
+        ppo: PPO hyper-parameters.
+        rewards: reward sources and score shaping.
+        generation: sampling settings for rollouts (the same temperature is used to recompute log-probs).
+        policy_optimizer: optimizer factory for the policy (its lr is the seed's ``ppo_lr_policy``).
+        value_optimizer: optimizer factory for the critic (its lr is the seed's ``ppo_lr_value``).
+        share_value_trunk: put the value head on the policy's trunk instead of a separate critic (saves memory).
+        sample_every_n: log a table of prompts, responses and scores every this many iterations (0 = never).
+        eval_max_prompts: held-out prompts scored per validation run.
+        seed: seed of the sampling and shuffling generator (offset by the data-parallel rank).
+    """
+
+    def __init__(
+        self,
+        policy_from: str,
+        reward_from: str | None = None,
+        value_from: str | None = None,
+        tokenizer_path: str | None = None,
+        ppo: PPOArgs = PPOArgs(),
+        rewards: RewardArgs = RewardArgs(),
+        generation: GenerationArgs = GenerationArgs(max_new_tokens=64),
+        policy_optimizer: OptimizerCallable = torch.optim.AdamW,
+        value_optimizer: OptimizerCallable = torch.optim.AdamW,
+        share_value_trunk: bool = False,
+        sample_every_n: int = 10,
+        eval_max_prompts: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["policy_optimizer", "value_optimizer"])
+        self.automatic_optimization = False
+        self.policy_from, self.reward_from = policy_from, reward_from
+        self.value_from = value_from or reward_from or policy_from
+        self.tokenizer_path = tokenizer_path
+        self.ppo, self.rewards, self.generation = ppo, rewards, generation
+        self.policy_optimizer_factory, self.value_optimizer_factory = policy_optimizer, value_optimizer
+        self.share_value_trunk = share_value_trunk
+        self.sample_every_n, self.eval_max_prompts, self.seed = sample_every_n, eval_max_prompts, seed
+        self.policy: torch.nn.Module | None = None
+        self.tokenizer = None
+        self.kl_controller = (
+            FixedKLController(ppo.kl_beta)
+            if ppo.kl_target is None
+            else AdaptiveKLController(ppo.kl_beta, ppo.kl_target, ppo.kl_horizon)
+        )
+        self.generator = torch.Generator()
+        self._generator_seeded = False
+
+    # -- weights ---------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        provided = resolve_tokenizer(self, self.tokenizer_path)
+        sft = load_checkpoint(self.policy_from)
+        payload = sft[PAYLOAD_KEY]
+        spec = _no_dropout(payload["model_spec"])
+        policy_state = submodule_state(
+            sft["state_dict"], payload.get("policy_prefix", payload["backbone_prefix"])
+        )
+        self.policy = model_from_spec(spec)
+        self.policy.load_state_dict(policy_state)
+        self.reference = _freeze(model_from_spec(spec))
+        self.reference.load_state_dict(policy_state)
+        from rlhf_lightning.stages.tokenizer_link import tokenizer_from_payload
+
+        self.tokenizer = reconcile_tokenizers(provided, tokenizer_from_payload(payload), self.policy_from)
+
+        self.reward_model = None
+        if self.reward_from is not None:
+            reward_ckpt = load_checkpoint(self.reward_from)
+            reward_payload = reward_ckpt[PAYLOAD_KEY]
+            if reward_payload["stage"] != "reward":
+                raise ValueError(f"reward_from={self.reward_from}: a '{reward_payload['stage']}' checkpoint")
+            self.reward_model = RewardModel(model_from_spec(_no_dropout(reward_payload["model_spec"])))
+            self.reward_model.load_state_dict(
+                submodule_state(reward_ckpt["state_dict"], reward_payload["reward_prefix"])
+            )
+            _freeze(self.reward_model)
+            reconcile_tokenizers(self.tokenizer, tokenizer_from_payload(reward_payload), self.reward_from)
+
+        if self.share_value_trunk:
+            self.value_model = ValueModel(self.policy)
+        else:
+            value_ckpt = load_checkpoint(self.value_from)
+            value_payload = value_ckpt[PAYLOAD_KEY]
+            backbone = model_from_spec(_no_dropout(value_payload["model_spec"]))
+            backbone.load_state_dict(
+                submodule_state(value_ckpt["state_dict"], value_payload["backbone_prefix"])
+            )
+            self.value_model = ValueModel(backbone)
+            if value_payload["stage"] == "reward":  # start the value head from the reward head (same scale)
+                head = submodule_state(value_ckpt["state_dict"], value_payload["reward_prefix"] + "head.")
+                self.value_model.head.load_state_dict(head)
+        self.scorer = SequenceScorer(self.rewards, self.reward_model)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[PAYLOAD_KEY] = {
+            "stage": "ppo",
+            "backbone_prefix": "policy.",
+            "model_spec": model_spec(self.policy),
+            "kl_controller": self.kl_controller.state_dict(),
+            "running_scores": self.scorer.running.state_dict(),
+            "generator_state": self.generator.get_state(),
+            **tokenizer_payload(self.tokenizer),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        payload = checkpoint[PAYLOAD_KEY]
+        self.kl_controller.load_state_dict(payload["kl_controller"])
+        if self.policy is not None:
+            self.scorer.running.load_state_dict(payload["running_scores"])
+        self.generator.set_state(payload["generator_state"])
+        self._generator_seeded = True
+
+    # -- one iteration -----------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if not self._generator_seeded:  # different sampling seeds per data-parallel rank
+            self.generator.manual_seed(self.seed + 1000003 * self.global_rank)
+            self._generator_seeded = True
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        iteration = self.global_step
+        rollout, timings = self._rollout(batch)  # 1. rollout
+        started = time.perf_counter()
+        update_policy = iteration >= self.ppo.critic_warmup_iterations
+        stats = self._update(rollout, update_policy)  # 2. PPO epochs over shuffled minibatches
+        train_time = time.perf_counter() - started
+        kl_per_seq = (kl_k1(rollout.logprobs, rollout.ref_logprobs) * rollout.response_mask).sum(1).mean()
+        self.kl_controller.update(kl_per_seq, n_steps=len(rollout))  # 3. adapt beta
+        self._log_iteration(rollout, timings, stats, train_time)  # 4. log
+        if self.sample_every_n and iteration % self.sample_every_n == 0:
+            self._log_samples(rollout, iteration)
+        self._count_iteration()
+
+    def _rollout(self, batch: PromptBatch) -> tuple[Rollout, Any]:
+        self.policy.eval(), self.value_model.eval()
+        generator = self.generator if self.device.type == "cpu" else None
+        if generator is None:  # CUDA sampling: a device generator seeded from ours keeps runs reproducible
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        return make_rollout(
+            policy=self.policy,
+            reference=self.reference,
+            value_model=self.value_model,
+            scorer=self.scorer,
+            tokenizer=self.tokenizer,
+            batch=batch,
+            generation=self.generation,
+            kl_beta=self.kl_controller.value,
+            gamma=self.ppo.gamma,
+            lam=self.ppo.lam,
+            whiten_advantages=self.ppo.whiten_advantages,
+            forward_batch_size=self.ppo.forward_batch_size,
+            generator=generator,
+        )
+
+    def _update(self, rollout: Rollout, update_policy: bool) -> dict[str, torch.Tensor]:
+        policy_opt, value_opt = self.optimizers(use_pl_optimizer=False)
+        (
+            self.policy.train(),
+            self.value_model.train(),
+        )  # dropout is 0, so train mode changes nothing numerically
+        B = len(rollout)
+        mb = min(self.ppo.minibatch_size, B)
+        micro = min(self.ppo.micro_batch_size or mb, mb)
+        history: dict[str, list[torch.Tensor]] = {}
+        for _epoch in range(self.ppo.epochs):
+            order = torch.randperm(B, generator=self.generator).to(self.device)
+            for start in range(0, B, mb):
+                rows = order[start : start + mb]
+                policy_opt.zero_grad(set_to_none=True)
+                value_opt.zero_grad(set_to_none=True)
+                for m in range(0, len(rows), micro):
+                    part = rows[m : m + micro]
+                    loss, stats = self._losses(rollout, part, update_policy)
+                    self.manual_backward(loss * len(part) / len(rows))
+                    for key, value in stats.items():
+                        history.setdefault(key, []).append(value)
+                grad_norms = self._clip_and_step(policy_opt, value_opt, update_policy)
+                for key, value in grad_norms.items():
+                    history.setdefault(key, []).append(value)
+        self.policy.eval(), self.value_model.eval()
+        return {key: torch.stack(values).mean() for key, values in history.items()}
+
+    def _losses(
+        self, rollout: Rollout, rows: torch.Tensor, update_policy: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        sequences, mask = rollout.sequences[rows], rollout.sequence_mask[rows]
+        response_mask = rollout.response_mask[rows]
+        P = rollout.query_ids.shape[1]
+        values = response_values(self.value_model, sequences, mask, P)
+        value_loss, stats = ppo_value_loss(
+            values, rollout.values[rows], rollout.returns[rows], response_mask, self.ppo.value_clip_eps
+        )
+        loss = self.ppo.vf_coef * value_loss
+        if update_policy:
+            logits = policy_logits(self.policy, sequences, mask, P)
+            logp = logprobs_from_logits(logits, sequences[:, P:], self.generation.temperature)
+            policy_loss, policy_stats = ppo_policy_loss(
+                logp, rollout.logprobs[rows], rollout.advantages[rows], response_mask, self.ppo.clip_eps
+            )
+            entropy = masked_mean(
+                entropy_from_logits(logits.detach(), self.generation.temperature), response_mask
+            )
+            loss = loss + policy_loss
+            if self.ppo.entropy_coef:
+                live_entropy = masked_mean(
+                    entropy_from_logits(logits, self.generation.temperature), response_mask
+                )
+                loss = loss - self.ppo.entropy_coef * live_entropy
+            stats = {**stats, **policy_stats, "entropy": entropy}
+        return loss, stats
+
+    def _clip_and_step(self, policy_opt, value_opt, update_policy: bool) -> dict[str, torch.Tensor]:
+        norms = {}
+        groups = [("value", value_opt)] + ([("policy", policy_opt)] if update_policy else [])
+        for name, opt in groups:
+            params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            if self.ppo.max_grad_norm is not None and params:
+                norms[f"{name}_grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.ppo.max_grad_norm)
+            opt.step()
+        return norms
+
+    def _count_iteration(self) -> None:
+        """Advance Lightning's global step by one per PPO iteration (see the module docstring)."""
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
+    # -- logging ----------------------------------------------------------------------------------------------------
+    def _log_iteration(
+        self, rollout: Rollout, timings, stats: dict[str, torch.Tensor], train_time: float
+    ) -> None:
+        mask = rollout.response_mask
+        k1 = (kl_k1(rollout.logprobs, rollout.ref_logprobs) * mask).sum(1)
+        k3 = (kl_k3(rollout.logprobs, rollout.ref_logprobs) * mask).sum(1)
+        total = timings.generation + timings.scoring + train_time
+        metrics = {
+            "rollout/score_mean": rollout.scores.mean(),
+            "rollout/score_std": rollout.scores.std() if len(rollout) > 1 else rollout.scores.new_zeros(()),
+            "rollout/raw_score_mean": rollout.raw_scores.mean(),
+            "rollout/kl": k1.mean(),
+            "rollout/kl_k3": k3.mean(),
+            "rollout/response_len": mask.sum(1).float().mean(),
+            "rollout/eos_rate": rollout.ended_with_eos.float().mean(),
+            "rollout/advantage_mean": masked_mean(rollout.advantages, mask),
+            "rollout/return_mean": masked_mean(rollout.returns, mask),
+            "rollout/value_mean": masked_mean(rollout.values, mask),
+            "ppo/kl_beta": torch.tensor(self.kl_controller.value),
+            "time/generation": torch.tensor(timings.generation),
+            "time/scoring": torch.tensor(timings.scoring),
+            "time/training": torch.tensor(train_time),
+            "time/iteration": torch.tensor(total),
+            "time/generated_tokens_per_sec": torch.tensor(
+                timings.generated_tokens / max(timings.generation, 1e-9)
+            ),
+        }
+        metrics.update({f"ppo/{key}": value for key, value in stats.items()})
+        self.log_dict(metrics, batch_size=len(rollout))
+        self.log("score", rollout.scores.mean(), prog_bar=True, logger=False, batch_size=len(rollout))
+        self.log("kl", k1.mean(), prog_bar=True, logger=False, batch_size=len(rollout))
+
+    def _log_samples(self, rollout: Rollout, iteration: int) -> None:
+        k1 = (kl_k1(rollout.logprobs, rollout.ref_logprobs) * rollout.response_mask).sum(1)
+        rows = [
+            [iteration, prompt[-500:], text, float(score), float(kl), int(length)]
+            for prompt, text, score, kl, length in zip(
+                rollout.prompts, rollout.texts, rollout.scores, k1, rollout.response_mask.sum(1)
+            )
+        ]
+        log_table(self, "samples/ppo", ["iteration", "prompt", "response", "score", "kl", "length"], rows)
+
+    # -- evaluation on held-out prompts --------------------------------------------------------------------------------
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """Reward-model score, KL to the reference and length of responses to held-out prompts (fixed seed)."""
+        generator = torch.Generator(device=self.device).manual_seed(self.seed + batch_idx)
+        rollout, _ = make_rollout(
+            policy=self.policy,
+            reference=self.reference,
+            value_model=self.value_model,
+            scorer=self.scorer,
+            tokenizer=self.tokenizer,
+            batch=batch,
+            generation=self.generation,
+            kl_beta=self.kl_controller.value,
+            gamma=self.ppo.gamma,
+            lam=self.ppo.lam,
+            forward_batch_size=self.ppo.forward_batch_size,
+            generator=generator,
+        )
+        mask = rollout.response_mask
+        n = len(rollout)
+        self.log("val/score", rollout.scores.mean(), batch_size=n, prog_bar=True)
+        self.log("val/raw_score", rollout.raw_scores.mean(), batch_size=n)
+        self.log("val/kl", (kl_k1(rollout.logprobs, rollout.ref_logprobs) * mask).sum(1).mean(), batch_size=n)
+        self.log("val/response_len", mask.sum(1).float().mean(), batch_size=n)
+        self.log("val/eos_rate", rollout.ended_with_eos.float().mean(), batch_size=n)
+
+    # -- optimisation ----------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        value_params = (
+            list(self.value_model.head.parameters())
+            if self.share_value_trunk
+            else list(self.value_model.parameters())
+        )
+        return [
+            self.policy_optimizer_factory(self.policy.parameters()),
+            self.value_optimizer_factory(value_params),
+        ]
