@@ -126,7 +126,7 @@ def tokenizer_for(
     return load_or_train_tokenizer(tokenizer_path, list(data_paths), vocab_size=vocab_size)
 
 
-def _check_common(max_length: int, batch_size: int, val_fraction: float, num_workers: int) -> None:
+def check_loader_args(max_length: int, batch_size: int, val_fraction: float, num_workers: int) -> None:
     if max_length < 4:
         raise ValueError(f"max_length={max_length}; expected >= 4 (bos, role, one token, eos)")
     if batch_size < 1:
@@ -137,7 +137,7 @@ def _check_common(max_length: int, batch_size: int, val_fraction: float, num_wor
         raise ValueError(f"num_workers={num_workers}; expected >= 0")
 
 
-def _world(trainer: Any) -> tuple[int, int]:
+def world_size_and_rank(trainer: Any) -> tuple[int, int]:
     if trainer is None:
         return 1, 0
     return int(getattr(trainer, "world_size", 1)), int(getattr(trainer, "global_rank", 0))
@@ -211,7 +211,7 @@ class SFTDataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_common(max_length, batch_size, val_fraction, num_workers)
+        check_loader_args(max_length, batch_size, val_fraction, num_workers)
         if truncation not in ("left", "right", "drop"):
             raise ValueError(f"truncation={truncation!r}; expected 'left', 'right' or 'drop'")
         self.train_path = train_path
@@ -331,7 +331,7 @@ class SFTDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None, "call setup() first"
-        replicas, rank = _world(self.trainer)
+        replicas, rank = world_size_and_rank(self.trainer)
         sampler = LengthBucketBatchSampler(
             self.train_dataset.lengths,
             self.batch_size,
@@ -361,5 +361,5 @@ class SFTDataModule(LightningDataModule):
     def steps_per_epoch(self) -> int:
         """Training batches per epoch on this rank (after ``setup()``)."""
         assert self.train_dataset is not None, "call setup() first"
-        replicas, _ = _world(self.trainer)
+        replicas, _ = world_size_and_rank(self.trainer)
         return math.ceil(math.ceil(len(self.train_dataset) / self.batch_size) / replicas)
