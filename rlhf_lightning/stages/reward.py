@@ -14,6 +14,18 @@ and rejected) in the reward model's ``score_mean`` / ``score_std`` buffers, so t
 carries the statistics of its own weights and PPO can normalise rewards to ~N(0, 1) (Ziegler et al. 2019; Huang et
 al. 2024, "reward normalisation"). The scalar head starts small (std 1/sqrt(d+1), bias 0) so early scores sit near 0.
 
+Choices and fixes:
+
+* Accuracy is fed to torchmetrics as ``sigmoid(r_chosen - r_rejected)`` (the Bradley-Terry probability that chosen
+  wins) with target 1: raw differences would be read as probabilities whenever a whole batch of them falls in
+  [0, 1] (common early on, when scores sit near 0), counting small positive margins as wrong. A tie counts as wrong.
+* The training accuracy is logged per step only (``reward/accuracy``); ``val/accuracy`` and ``test/accuracy`` are
+  epoch-level over the whole split. Checkpoint on ``val/loss``: accuracy alone is a weak criterion (it ignores
+  calibration and saturates).
+* Score statistics are reduced as (count, sum, sum of squares) in float64 across ranks, so ranks with uneven
+  validation shards still give the exact mean and the unbiased (n - 1) standard deviation of all scores. They are
+  measured on the validation replies; PPO may re-measure them on reference-policy samples.
+
 Sources: Bradley & Terry 1952; Ouyang et al. 2022 (InstructGPT) for the pairwise loss; margin as in Llama 2
 (Touvron et al. 2023).
 """
@@ -42,6 +54,10 @@ from rlhf_lightning.stages.tokenizer_link import (
 from rlhf_lightning.types import PreferenceBatch
 
 PREFIX = "reward_model."
+
+# LightningCLI reads ``--ckpt_path`` hyper-parameters with ``torch.load(weights_only=True)``; ``ModelArgs`` (a frozen
+# dataclass of plain values) is among them, so it must be an allowed global or ``test``/``validate`` cannot start.
+torch.serialization.add_safe_globals([ModelArgs])
 
 
 class RewardModule(LightningModule):
@@ -73,7 +89,6 @@ class RewardModule(LightningModule):
         self.scheduler_factory = scheduler
         self.reward_model: RewardModel | None = None
         self.tokenizer = None
-        self.train_accuracy = BinaryAccuracy()
         self.val_accuracy = BinaryAccuracy()
         self.test_accuracy = BinaryAccuracy()
         self.val_loss = MeanMetric()
@@ -81,6 +96,8 @@ class RewardModule(LightningModule):
 
     # -- weights ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
+        """Build the reward model: from ``init_from`` (SFT backbone + fresh head, or a whole reward model), else a
+        fresh ``model`` preset; the tokenizer must match the one stored in ``init_from``."""
         if self.reward_model is not None:
             return
         self.tokenizer = resolve_tokenizer(self, self.tokenizer_path)
@@ -88,25 +105,36 @@ class RewardModule(LightningModule):
             backbone, stored, checkpoint = load_backbone(self.init_from)
             self.tokenizer = reconcile_tokenizers(self.tokenizer, stored, self.init_from)
             self.reward_model = RewardModel(backbone)
-            if (
-                checkpoint[PAYLOAD_KEY]["stage"] == "reward"
-            ):  # continue from a reward model: keep its head too
-                self.reward_model.load_state_dict(submodule_state(checkpoint["state_dict"], PREFIX))
+            payload = checkpoint[PAYLOAD_KEY]
+            if payload["stage"] == "reward":  # continue from a reward model: keep its head and statistics too
+                prefix = payload.get("reward_prefix", PREFIX)
+                self.reward_model.load_state_dict(submodule_state(checkpoint["state_dict"], prefix))
         elif self.tokenizer is not None:
             self.reward_model = RewardModel(build_model(self.model_args, self.tokenizer.vocab_size))
 
+    def _model(self) -> RewardModel:
+        """The reward model, or a clear error when nothing could build it."""
+        if self.reward_model is None:
+            raise RuntimeError(
+                "RewardModule has no weights: set init_from, give a tokenizer_path, or use a DataModule that "
+                "offers a tokenizer (e.g. PreferenceDataModule)"
+            )
+        return self.reward_model
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the self-describing payload: architecture, tokenizer and score statistics."""
         checkpoint[PAYLOAD_KEY] = {
             "stage": "reward",
             "backbone_prefix": PREFIX + "backbone.",
             "reward_prefix": PREFIX,
-            "model_spec": model_spec(self.reward_model.backbone),
-            "score_mean": float(self.reward_model.score_mean),
-            "score_std": float(self.reward_model.score_std),
+            "model_spec": model_spec(self._model().backbone),
+            "score_mean": float(self._model().score_mean),
+            "score_std": float(self._model().score_std),
             **tokenizer_payload(self.tokenizer),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the network from the payload when no Trainer built it (``load_from_checkpoint``)."""
         if self.reward_model is None:
             payload = checkpoint[PAYLOAD_KEY]
             self.reward_model = RewardModel(model_from_spec(payload["model_spec"]))
@@ -115,64 +143,79 @@ class RewardModule(LightningModule):
     # -- steps -------------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw scores (B,) of right- or left-padded sequences."""
-        return self.reward_model(input_ids, attention_mask)
+        return self._model()(input_ids, attention_mask)
 
     def _pair_step(
         self, batch: PreferenceBatch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Scores (2B,) of one batch and its Bradley-Terry loss and stats."""
         scores = self(batch.input_ids, batch.attention_mask)  # 1. one forward for chosen and rejected: (2B,)
         chosen, rejected = scores.chunk(2)
         loss, stats = pairwise_loss(chosen, rejected, batch.margin)  # 2. Bradley-Terry loss
         return loss, stats, scores
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
-        loss, stats, scores = self._pair_step(batch)
-        self._log_pairs("train", loss, stats, scores, self.train_accuracy, len(batch))  # 3. log
+        loss, stats, _ = self._pair_step(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))  # 3. log
+        self.log("reward/accuracy", stats["accuracy"], prog_bar=True, batch_size=len(batch))
+        self._log_scores("train", stats, len(batch))
         return loss
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         loss, stats, scores = self._pair_step(batch)
         self.val_loss.update(loss, weight=len(batch))
-        self._log_pairs("val", None, stats, scores, self.val_accuracy, len(batch))
-        self._val_scores.append(scores.detach().float())
+        self._update_accuracy(self.val_accuracy, scores)
+        self._log_scores("val", stats, len(batch))
+        self._val_scores.append(scores.detach().double())
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)
         self.val_loss.reset()
-        if self._val_scores and not self.trainer.sanity_checking:
-            scores = self.all_gather(torch.cat(self._val_scores)).flatten()
-            std = scores.std() if scores.numel() > 1 else scores.new_tensor(1.0)
-            self.reward_model.set_score_stats(scores.mean(), std.clamp(min=1e-6))
-            self.log("val/score_mean", scores.mean())
-            self.log("val/score_std", std)
+        self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True)
+        self.val_accuracy.reset()
+        scores = torch.cat(self._val_scores) if self._val_scores else torch.zeros(0, dtype=torch.float64)
         self._val_scores.clear()
+        if self.trainer.sanity_checking:
+            return
+        moments = torch.stack([scores.new_tensor(float(scores.numel())), scores.sum(), scores.square().sum()])
+        n, total, squares = self.all_gather(moments).reshape(-1, 3).sum(0)
+        if n < 1:
+            return
+        mean = total / n
+        var = (squares - n * mean.square()) / (n - 1) if n > 1 else torch.ones_like(mean)
+        std = var.clamp(min=0).sqrt().clamp(min=1e-6)
+        self._model().set_score_stats(mean.float(), std.float())
+        self.log("val/score_mean", mean.float())
+        self.log("val/score_std", std.float())
 
     def test_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         loss, stats, scores = self._pair_step(batch)
-        self._log_pairs("test", loss, stats, scores, self.test_accuracy, len(batch))
+        self.log("test/loss", loss, batch_size=len(batch))
+        self._update_accuracy(self.test_accuracy, scores)
+        self.log("test/accuracy", self.test_accuracy, on_epoch=True, batch_size=len(batch))
+        self._log_scores("test", stats, len(batch))
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Raw scores (B,) of a batch with ``input_ids`` and ``attention_mask`` (e.g. conversations to score)."""
         return self(batch.input_ids, batch.attention_mask)
 
-    def _log_pairs(self, phase, loss, stats, scores, accuracy, batch_size) -> None:
-        chosen, rejected = scores.detach().chunk(2)
-        accuracy.update(
-            chosen - rejected, torch.ones_like(chosen, dtype=torch.long)
-        )  # p > 0.5 <=> chosen > rejected
-        on_step = phase == "train"
-        if loss is not None:
-            self.log(f"{phase}/loss", loss, prog_bar=on_step, batch_size=batch_size)
-        accuracy_key = "reward/accuracy" if phase == "train" else f"{phase}/accuracy"
-        self.log(accuracy_key, accuracy, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=batch_size)
+    @staticmethod
+    def _update_accuracy(metric: BinaryAccuracy, scores: torch.Tensor) -> None:
+        """Count pairs with r_chosen > r_rejected: preds = sigmoid(r_c - r_r) in (0, 1), target 1."""
+        chosen, rejected = scores.detach().float().chunk(2)
+        metric.update(torch.sigmoid(chosen - rejected), torch.ones_like(chosen, dtype=torch.long))
+
+    def _log_scores(self, phase: str, stats: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Mean chosen and rejected scores and their mean difference."""
         self.log(f"{phase}/chosen_score", stats["chosen_mean"], batch_size=batch_size)
         self.log(f"{phase}/rejected_score", stats["rejected_mean"], batch_size=batch_size)
         self.log(f"{phase}/margin", stats["margin_mean"], batch_size=batch_size)
 
     # -- optimisation ----------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
+        """Two parameter groups (no weight decay on norms and biases) and a per-step schedule."""
         decay, no_decay = [], []
-        for name, param in self.reward_model.named_parameters():
+        for name, param in self._model().named_parameters():
             if param.requires_grad:
                 (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
         optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
