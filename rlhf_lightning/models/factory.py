@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from rlhf_lightning.models.gpt import GPT, PRESETS, GPTConfig, create_model
@@ -46,6 +47,10 @@ class ModelArgs:
     def overrides(self) -> dict[str, Any]:
         keys = ("n_layer", "n_head", "n_embd", "max_seq_len", "dropout", "tie_embeddings")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+# typed config stored in checkpoint hyper-parameters: loadable with torch.load(weights_only=True)
+torch.serialization.add_safe_globals([ModelArgs])
 
 
 def build_model(args: ModelArgs, vocab_size: int) -> GPT:

@@ -59,6 +59,10 @@ class GenerationArgs:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+# typed config stored in checkpoint hyper-parameters: loadable with torch.load(weights_only=True)
+torch.serialization.add_safe_globals([GenerationArgs])
+
+
 @dataclass(frozen=True)
 class GenerationOutput:
     """Prompts and generated responses."""

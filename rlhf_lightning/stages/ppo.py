@@ -110,6 +110,10 @@ class PPOArgs:
             raise ValueError(f"invalid PPO arguments: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
 
 
+# typed config stored in checkpoint hyper-parameters: loadable with torch.load(weights_only=True)
+torch.serialization.add_safe_globals([PPOArgs])
+
+
 def _no_dropout(spec: dict[str, Any]) -> dict[str, Any]:
     spec = copy.deepcopy(spec)
     if "dropout" in spec.get("config", {}):

@@ -60,6 +60,10 @@ class RewardArgs:
             raise ValueError("no reward source: set rewards.model_weight > 0 or give rewards.functions")
 
 
+# typed config stored in checkpoint hyper-parameters: loadable with torch.load(weights_only=True)
+torch.serialization.add_safe_globals([RewardArgs])
+
+
 def load_reward_function(spec: str) -> RewardFunction:
     """Import ``"package.module:function"``; errors say which part is wrong."""
     module_name, sep, attr = spec.partition(":")

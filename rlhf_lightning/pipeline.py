@@ -1,0 +1,344 @@
+"""SFT -> reward model -> PPO in sequence, from one config (the project's main job).
+
+Each stage is an ordinary stage run: its YAML (``configs/sft.yaml`` ... or inline) is parsed by the same
+LightningCLI as ``rlhf-lightning fit``, the :class:`RLHFConfig` fields are written over it, and the checkpoint its
+``ModelCheckpoint`` chose (best by the stage's monitor, else last) is handed to the next stage.
+
+Run folder (``save_dir``)::
+
+    tokenizer.json
+    sft/      config.yaml  checkpoints/  logs/  done.json
+    reward/   ...
+    ppo/      ...
+    summary.json
+
+A stage with ``done.json`` is skipped on a rerun; a stage with checkpoints but no ``done.json`` was interrupted and
+resumes from its ``last.ckpt``. Every stage's config and data are checked before the first stage trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("sft", "reward", "ppo")
+
+
+@dataclass
+class RLHFConfig:
+    """The seed design's pipeline config; finer settings live in the stage configs.
+
+    Args:
+        tokenizer_path: the tokenizer file; trained on the SFT data when it does not exist (default: in save_dir).
+        sft_data_path: conversations for SFT (JSONL).
+        reward_data_path: preference pairs for the reward model (JSONL).
+        ppo_data_path: prompts for PPO (JSONL).
+        sft_epochs: SFT epochs.
+        reward_epochs: reward-model epochs (about one; more overfits).
+        ppo_iterations: PPO iterations (one = one batch of prompts and its updates).
+        ppo_lr_policy: policy learning rate in PPO.
+        ppo_lr_value: critic learning rate in PPO.
+        ppo_batch_size: prompts per PPO iteration.
+        device: ``auto`` (CUDA, MPS or CPU), ``cpu``, ``cuda``/``gpu`` or ``mps``.
+        save_dir: run folder: one sub-folder per stage, the tokenizer and summary.json.
+        save_interval: PPO iterations between checkpoints.
+        model_preset: size preset of the built-in model (tiny, small, medium, large); None keeps the stage configs'.
+        stage_configs: YAML file (or inline dict) per stage: ``sft``, ``reward``, ``ppo``.
+    """
+
+    tokenizer_path: str | None = None
+    sft_data_path: str = "data/hh_rlhf/sft_train.jsonl"
+    reward_data_path: str = "data/hh_rlhf/preference_train.jsonl"
+    ppo_data_path: str = "data/hh_rlhf/prompts_train.jsonl"
+    sft_epochs: int | None = None
+    reward_epochs: int | None = None
+    ppo_iterations: int | None = None
+    ppo_lr_policy: float | None = None
+    ppo_lr_value: float | None = None
+    ppo_batch_size: int | None = None
+    device: str = "auto"
+    save_dir: str = "runs/pipeline"
+    save_interval: int | None = None
+    model_preset: str | None = None
+    stage_configs: dict[str, Any] = field(
+        default_factory=lambda: {
+            "sft": "configs/sft.yaml",
+            "reward": "configs/reward.yaml",
+            "ppo": "configs/ppo.yaml",
+        }
+    )
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda", "gpu", "mps"):
+            raise ValueError(f"device={self.device!r}; expected 'auto', 'cpu', 'cuda', 'gpu' or 'mps'")
+        for name in ("sft_epochs", "reward_epochs", "ppo_iterations", "ppo_batch_size", "save_interval"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value}; expected a positive integer")
+        missing = [s for s in STAGES if s not in self.stage_configs]
+        if missing:
+            raise ValueError(
+                f"stage_configs lacks {missing}; expected a YAML path or dict for each of {STAGES}"
+            )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RLHFConfig:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(
+                f"{path}: unknown field(s) {sorted(unknown)}; expected {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**data)
+
+
+def _set(config: dict[str, Any], dotted: str, value: Any) -> None:
+    node = config
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def _callbacks(config: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    callbacks = config.get("trainer", {}).get("callbacks") or []
+    return [c for c in callbacks if isinstance(c, dict) and c.get("class_path", "").endswith(name)]
+
+
+class RLHFPipeline:
+    """Runs the three stages of ``config`` in sequence (see the module docstring).
+
+    Args:
+        config: the pipeline config.
+        stages: which stages to run (others must be finished in ``save_dir`` when a later stage needs them).
+        overwrite: delete an existing ``save_dir`` and start over (a finished run is never overwritten without it).
+        model: a ``ModelArgs``-style dict for the built-in model (overrides the stage configs' ``model``).
+        datamodules: per-stage DataModule config (``{"class_path": ..., "init_args": ...}``) replacing the default.
+    """
+
+    def __init__(
+        self,
+        config: RLHFConfig,
+        stages: Sequence[str] = STAGES,
+        overwrite: bool = False,
+        model: dict[str, Any] | None = None,
+        datamodules: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        bad = [s for s in stages if s not in STAGES]
+        if bad:
+            raise ValueError(f"unknown stage(s) {bad}; expected some of {STAGES}")
+        self.config = config
+        self.stages = [s for s in STAGES if s in stages]
+        self.overwrite = overwrite
+        self.model = model
+        self.datamodules = datamodules or {}
+        self.root = Path(config.save_dir)
+        self.tokenizer_path = config.tokenizer_path or str(self.root / "tokenizer.json")
+
+    # -- configs ----------------------------------------------------------------------------------------------------
+    def stage_config(self, stage: str, inputs: dict[str, str]) -> dict[str, Any]:
+        """The stage's YAML with the pipeline's settings and the previous stages' checkpoints written in."""
+        source = self.config.stage_configs[stage]
+        if isinstance(source, dict):
+            config = copy.deepcopy(source)
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"stage_configs.{stage}: {path} not found; expected a stage YAML file"
+                )
+            config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        c, folder = self.config, self.root / stage
+        if stage in self.datamodules:
+            config["data"] = copy.deepcopy(self.datamodules[stage])
+        _set(config, "trainer.accelerator", "gpu" if c.device == "cuda" else c.device)
+        _set(config, "trainer.default_root_dir", str(folder))
+        _set(
+            config,
+            "trainer.logger",
+            {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(folder), "name": "logs", "version": ""},
+            },
+        )
+        for callback in _callbacks(config, "ModelCheckpoint"):
+            callback.setdefault("init_args", {})["dirpath"] = str(folder / "checkpoints")
+        data_args = config.setdefault("data", {}).setdefault("init_args", {})
+        model_args = config.setdefault("model", {}).setdefault("init_args", {})
+        if "tokenizer_path" in data_args or "class_path" not in self.datamodules.get(stage, {}):
+            data_args["tokenizer_path"] = self.tokenizer_path
+        if self.model is not None and stage != "ppo":
+            model_args["model"] = {**model_args.get("model", {}), **self.model}
+        elif c.model_preset is not None and stage == "sft":
+            model_args.setdefault("model", {})["preset"] = c.model_preset
+        if stage == "sft":
+            data_args["train_path"] = c.sft_data_path
+            if c.sft_epochs is not None:
+                _set(config, "trainer.max_epochs", c.sft_epochs)
+        elif stage == "reward":
+            data_args["train_path"] = c.reward_data_path
+            model_args["init_from"] = inputs.get("sft", model_args.get("init_from"))
+            if c.reward_epochs is not None:
+                _set(config, "trainer.max_epochs", c.reward_epochs)
+        else:
+            data_args["train_path"] = c.ppo_data_path
+            model_args["policy_from"] = inputs.get("sft", model_args.get("policy_from"))
+            model_args["reward_from"] = inputs.get("reward", model_args.get("reward_from"))
+            if c.ppo_iterations is not None:
+                _set(config, "trainer.max_steps", c.ppo_iterations)
+                model_args.setdefault("ppo", {})["iterations"] = c.ppo_iterations
+            if c.ppo_batch_size is not None:
+                data_args["batch_size"] = c.ppo_batch_size
+            for key, lr in (("policy_optimizer", c.ppo_lr_policy), ("value_optimizer", c.ppo_lr_value)):
+                if lr is not None:
+                    optimizer = model_args.setdefault(key, {"class_path": "torch.optim.AdamW"})
+                    optimizer.setdefault("init_args", {})["lr"] = lr
+            if c.save_interval is not None:
+                for callback in _callbacks(config, "ModelCheckpoint"):
+                    callback["init_args"]["every_n_train_steps"] = c.save_interval
+        return config
+
+    def _cli(self, config: dict[str, Any]):
+        from lightning.pytorch import LightningDataModule, LightningModule
+
+        from rlhf_lightning.stage_cli import RLHFLightningCLI
+
+        return RLHFLightningCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            args=config,
+            auto_configure_optimizers=False,
+            save_config_callback=None,
+        )
+
+    # -- early validation -----------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Parse every stage's config and check its data files, before anything trains."""
+        placeholders = {"sft": "<sft checkpoint>", "reward": "<reward checkpoint>"}
+        for stage in self.stages:
+            config = self.stage_config(stage, placeholders)
+            try:
+                cli = self._cli(config)
+            except SystemExit as err:
+                raise ValueError(f"stage '{stage}': invalid config (see the message above)") from err
+            check = getattr(cli.datamodule, "validate_inputs", None)
+            if callable(check):
+                check()
+
+    # -- running ------------------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) the selected stages and return the summary."""
+        if self.overwrite and self.root.exists():
+            shutil.rmtree(self.root)
+        self.validate()
+        self.root.mkdir(parents=True, exist_ok=True)
+        summary = self._read_json(self.root / "summary.json") or {"stages": {}}
+        summary["config"] = asdict(self.config)
+        inputs: dict[str, str] = {}
+        for stage in STAGES:
+            done = self._read_json(self.root / stage / "done.json")
+            if stage not in self.stages:
+                if done:
+                    inputs[stage] = done["checkpoint"]
+                continue
+            if done:
+                print(f"[pipeline] {stage}: finished earlier, skipped ({done['checkpoint']})")
+                inputs[stage] = done["checkpoint"]
+                summary["stages"][stage] = done["results"]
+                continue
+            for needed in STAGES[: STAGES.index(stage)]:
+                if needed not in inputs:
+                    raise FileNotFoundError(
+                        f"stage '{stage}' needs the '{needed}' stage's checkpoint; expected {self.root / needed}"
+                        "/done.json (run that stage first)"
+                    )
+            result = self._run_stage(stage, inputs)
+            inputs[stage] = result["checkpoint"]
+            summary["stages"][stage] = result["results"]
+            self._write_json(self.root / stage / "done.json", result)
+            self._write_json(self.root / "summary.json", summary)
+        self._write_json(self.root / "summary.json", summary)
+        print(format_summary(summary))
+        return summary
+
+    def _run_stage(self, stage: str, inputs: dict[str, str]) -> dict[str, Any]:
+        folder = self.root / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self.stage_config(stage, inputs)
+        (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        last = folder / "checkpoints" / "last.ckpt"
+        resume = str(last) if last.is_file() else None
+        print(f"[pipeline] {stage}: {'resuming from ' + resume if resume else 'starting'}")
+        cli = self._cli(config)
+        trainer, model, data = cli.trainer, cli.model, cli.datamodule
+        started = time.perf_counter()
+        results: dict[str, Any] = {}
+        if stage == "ppo":
+            before = trainer.validate(model, datamodule=data, verbose=False, ckpt_path=resume)
+            results.update({f"before/{k}": v for k, v in before[0].items()} if before else {})
+        trainer.fit(model, datamodule=data, ckpt_path=resume)
+        callback = trainer.checkpoint_callback
+        checkpoint = (callback.best_model_path or callback.last_model_path) if callback else ""
+        if not checkpoint:
+            checkpoint = str(folder / "checkpoints" / "final.ckpt")
+            trainer.save_checkpoint(checkpoint)
+        if stage == "ppo":
+            after = trainer.validate(model, datamodule=data, verbose=False)
+            results.update({f"after/{k}": v for k, v in after[0].items()} if after else {})
+        else:
+            results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+            if callback is not None and callback.best_model_score is not None:
+                results[f"best/{callback.monitor}"] = float(callback.best_model_score)
+        results["wall_time_s"] = round(time.perf_counter() - started, 1)
+        return {"checkpoint": checkpoint, "results": results}
+
+    @staticmethod
+    def _read_json(path: Path) -> dict[str, Any] | None:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    @staticmethod
+    def _write_json(path: Path, data: dict[str, Any]) -> None:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+        tmp.replace(path)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as a plain-text table: one row per stage and metric."""
+    rows = [("stage", "metric", "value")]
+    for stage, results in summary.get("stages", {}).items():
+        for key, value in results.items():
+            rows.append((stage, key, f"{value:.4g}" if isinstance(value, float) else str(value)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(args: Sequence[str]) -> dict[str, Any]:
+    """``rlhf-lightning pipeline``: ``--config configs/pipeline.yaml`` and any RLHFConfig field as a flag."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
+        prog="rlhf-lightning pipeline", description="Run SFT, reward model and PPO in sequence."
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML (RLHFConfig fields)")
+    parser.add_class_arguments(RLHFConfig, nested_key=None, fail_untyped=False)
+    parser.add_argument("--stages", type=str, default=",".join(STAGES), help="comma-separated stages to run")
+    parser.add_argument("--overwrite", type=bool, default=False, help="delete save_dir first and start over")
+    cfg = parser.parse_args(list(args))
+    fields = {name: cfg[name] for name in RLHFConfig.__dataclass_fields__ if name in cfg}
+    config = RLHFConfig(**fields)
+    stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    return RLHFPipeline(config, stages=stages, overwrite=cfg.overwrite).run()
