@@ -34,12 +34,20 @@ class WarmupCosineLR(LambdaLR):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1 (or None), got {total_steps}")
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_lr_ratio = min_lr_ratio
         super().__init__(optimizer, self._factor)
 
     def _factor(self, step: int) -> float:
+        """The multiplier of the peak rate for optimizer step ``step`` (0-based).
+
+        Warm-up: ``(step + 1) / (warmup + 1)`` (never 0, so the first step learns); then
+        ``min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * progress)) / 2`` with
+        ``progress = (step - warmup) / (total - warmup)`` clamped to 1.
+        """
         total = max(1, self.total_steps or 1)
         warmup = self.warmup_steps * total if self.warmup_steps < 1 else self.warmup_steps
         if step < warmup:
@@ -49,7 +57,12 @@ class WarmupCosineLR(LambdaLR):
 
 
 def bind_total_steps(scheduler: object, total_steps: int | float) -> None:
-    """Give a schedule that was built without a length the run's number of optimizer steps."""
+    """Give a schedule that was built without a length the run's number of optimizer steps.
+
+    Other schedulers, and a ``WarmupCosineLR`` given an explicit ``total_steps``, are left alone. On resume Lightning
+    then loads the scheduler's saved state, whose ``total_steps`` (the original run's) wins, so a resumed run follows
+    the schedule it started with.
+    """
     if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
         if not math.isfinite(total_steps):
             raise ValueError("WarmupCosineLR needs total_steps when the Trainer has no max_steps/max_epochs")
@@ -57,3 +70,4 @@ def bind_total_steps(scheduler: object, total_steps: int | float) -> None:
         # recompute the first factor now that the length is known
         for group, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = lr * scheduler._factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
