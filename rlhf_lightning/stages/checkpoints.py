@@ -24,7 +24,12 @@ PAYLOAD_KEY = "rlhf_lightning"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint path that is missing, unreadable, or not from this suite."""
+    """A checkpoint path that is missing, unreadable, or not from this suite (or a run that would overwrite one)."""
+
+
+class SetupError(ValueError):
+    """A stage's inputs that do not fit together: a tokenizer that differs from the checkpoint's, data longer than
+    the model accepts. Raised before training starts."""
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -57,7 +62,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         best = best_model_path(last)
         if best is not None:
             best_path = Path(best)
-            if not best_path.is_absolute() and not best_path.exists():
+            if not best_path.is_file():  # the run folder was moved or the path was relative to another cwd
                 best_path = last.parent / best_path.name
             if best_path.is_file():
                 return best_path
@@ -67,10 +72,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def best_model_path(checkpoint_file: Path) -> str | None:
     """The ``best_model_path`` a ``ModelCheckpoint`` stored in ``checkpoint_file``, if any."""
-    try:
-        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    try:  # mmap: only the callback states are read, not the weights
+        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False, mmap=True)
     except Exception:
-        return None
+        try:  # files written with the legacy (non-zip) format cannot be memory-mapped
+            checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+        except Exception:
+            return None
     for key, state in checkpoint.get("callbacks", {}).items():
         if str(key).startswith("ModelCheckpoint") and state.get("best_model_path"):
             return str(state["best_model_path"])
@@ -88,18 +96,25 @@ def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[st
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder and renames it into place.
 
-    A run killed while saving therefore leaves the previous file intact instead of a truncated one.
+    A run killed (or failing) while saving therefore leaves the previous file intact instead of a truncated one; the
+    temporary file is removed on failure. Remote paths (``s3://...``) go through Lightning's own writer.
     """
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
     ) -> None:
+        if "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
         try:
-            torch.save(checkpoint, tmp)
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary files
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from rlhf_lightning.stages.checkpoints import SetupError
 from rlhf_lightning.tokenization import ChatTokenizer
 
 
@@ -49,16 +50,16 @@ def reconcile_tokenizers(
     """The tokenizer a stage starting from ``checkpoint`` must use.
 
     The checkpoint's embeddings only make sense with the tokenizer it was trained with, so a DataModule tokenizer that
-    differs from the stored one is an error, not something to paper over.
+    differs from the stored one is an error (:class:`SetupError`, a ``ValueError``), not something to paper over.
     """
     if provided is None and stored is None:
-        raise ValueError(
+        raise SetupError(
             f"{checkpoint}: no tokenizer: the checkpoint carries none and the DataModule offers none"
         )
     if provided is None:
         return stored
     if stored is not None and provided.tokenizer.to_str() != stored.tokenizer.to_str():
-        raise ValueError(
+        raise SetupError(
             f"the DataModule's tokenizer ({provided.source}) differs from the one stored in {checkpoint}; "
             "expected the same tokenizer: point the data's tokenizer_path at the file the earlier stage used"
         )
