@@ -342,3 +342,9 @@ def main(args: Sequence[str]) -> dict[str, Any]:
     config = RLHFConfig(**fields)
     stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
     return RLHFPipeline(config, stages=stages, overwrite=cfg.overwrite).run()
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -1,0 +1,153 @@
+"""The pipeline: RLHFConfig mapping, early validation, the tiny end-to-end run, interruption and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhf_lightning.pipeline import STAGES, RLHFConfig, RLHFPipeline, format_summary
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "pipeline_tiny.yaml"
+
+
+def _tiny_config(save_dir: Path, **overrides) -> RLHFConfig:
+    config = RLHFConfig.from_yaml(TINY)
+    config.save_dir = str(save_dir)
+    config.tokenizer_path = None  # the run folder's own tokenizer.json
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def test_rlhfconfig_maps_onto_stage_configs(tmp_path):
+    config = RLHFConfig(
+        tokenizer_path=str(tmp_path / "tok.json"),
+        sft_data_path="a.jsonl",
+        reward_data_path="b.jsonl",
+        ppo_data_path="c.jsonl",
+        sft_epochs=3,
+        reward_epochs=2,
+        ppo_iterations=7,
+        ppo_lr_policy=1e-5,
+        ppo_lr_value=2e-5,
+        ppo_batch_size=12,
+        device="cpu",
+        save_dir=str(tmp_path / "run"),
+        save_interval=5,
+    )
+    pipe = RLHFPipeline(config)
+    inputs = {"sft": "S.ckpt", "reward": "R.ckpt"}
+    sft, reward, ppo = (pipe.stage_config(stage, inputs) for stage in STAGES)
+    assert sft["data"]["init_args"]["train_path"] == "a.jsonl"
+    assert sft["trainer"]["max_epochs"] == 3 and sft["trainer"]["accelerator"] == "cpu"
+    assert all(
+        c["data"]["init_args"]["tokenizer_path"] == str(tmp_path / "tok.json") for c in (sft, reward, ppo)
+    )
+    assert reward["data"]["init_args"]["train_path"] == "b.jsonl" and reward["trainer"]["max_epochs"] == 2
+    assert reward["model"]["init_args"]["init_from"] == "S.ckpt"
+    ppo_args = ppo["model"]["init_args"]
+    assert ppo_args["policy_from"] == "S.ckpt" and ppo_args["reward_from"] == "R.ckpt"
+    assert ppo["trainer"]["max_steps"] == 7 and ppo_args["ppo"]["iterations"] == 7
+    assert ppo_args["policy_optimizer"]["init_args"]["lr"] == 1e-5
+    assert ppo_args["value_optimizer"]["init_args"]["lr"] == 2e-5
+    assert (
+        ppo["data"]["init_args"]["batch_size"] == 12 and ppo["data"]["init_args"]["train_path"] == "c.jsonl"
+    )
+    checkpoint = next(c for c in ppo["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
+    assert checkpoint["init_args"]["every_n_train_steps"] == 5
+    assert checkpoint["init_args"]["dirpath"] == str(tmp_path / "run" / "ppo" / "checkpoints")
+
+
+def test_rlhfconfig_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="device"):
+        RLHFConfig(device="tpu")
+    with pytest.raises(ValueError, match="ppo_iterations"):
+        RLHFConfig(ppo_iterations=0)
+    bad = tmp_path / "p.yaml"
+    bad.write_text("sft_epoch: 3\n")
+    with pytest.raises(ValueError, match="sft_epoch"):
+        RLHFConfig.from_yaml(bad)
+
+
+def test_bad_ppo_data_path_fails_before_sft_trains(tmp_path):
+    config = _tiny_config(tmp_path / "run", ppo_data_path=str(tmp_path / "missing_prompts.jsonl"))
+    started = time.perf_counter()
+    with pytest.raises(Exception, match=r"missing_prompts\.jsonl"):
+        RLHFPipeline(config).run()
+    assert time.perf_counter() - started < 60
+    assert not list((tmp_path / "run").rglob("*.ckpt"))  # nothing trained
+
+
+def test_bad_reward_row_fails_before_sft_trains(tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "hi", "chosen": "same", "rejected": "same"}\n')
+    config = _tiny_config(tmp_path / "run", reward_data_path=str(bad))
+    with pytest.raises(Exception, match=r"pairs\.jsonl.*line 1"):
+        RLHFPipeline(config).run()
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def _run_cli(save_dir: Path, *extra: str, **kwargs) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhf_lightning.pipeline",
+        "--config",
+        str(TINY),
+        "--save_dir",
+        str(save_dir),
+        "--tokenizer_path",
+        str(save_dir / "tokenizer.json"),
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
+    )
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_then_rerun_skips(tmp_path):
+    run = tmp_path / "run"
+    summary = RLHFPipeline(_tiny_config(run)).run()
+    for stage in STAGES:
+        done = json.loads((run / stage / "done.json").read_text())
+        assert Path(done["checkpoint"]).is_file()
+        assert (run / stage / "config.yaml").is_file()
+    assert (run / "tokenizer.json").is_file()
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["stages"].keys() == {"sft", "reward", "ppo"}
+    assert "val/loss" in summary["stages"]["sft"] and "val/accuracy" in summary["stages"]["reward"]
+    assert {"before/val/score", "after/val/score", "after/val/kl"} <= summary["stages"]["ppo"].keys()
+    assert "after/val/score" in format_summary(summary)
+    stamp = (run / "ppo" / "done.json").stat().st_mtime
+    RLHFPipeline(_tiny_config(run)).run()  # a finished run is skipped, not retrained or overwritten
+    assert (run / "ppo" / "done.json").stat().st_mtime == stamp
+
+
+@pytest.mark.slow
+def test_killed_during_reward_stage_resumes(tmp_path):
+    run = tmp_path / "run"
+    proc = _run_cli(run, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((run / "reward" / "checkpoints").glob("*.ckpt")):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (run / "sft" / "done.json").is_file() and not (run / "reward" / "done.json").exists()
+    sft_done = (run / "sft" / "done.json").stat().st_mtime
+    rerun = _run_cli(run)
+    out, _ = rerun.communicate(timeout=900)
+    assert rerun.returncode == 0, out
+    assert "sft: finished earlier, skipped" in out
+    assert "reward: resuming from" in out
+    assert (run / "sft" / "done.json").stat().st_mtime == sft_done
+    assert all((run / stage / "done.json").is_file() for stage in STAGES)
