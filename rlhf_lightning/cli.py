@@ -13,6 +13,7 @@ Nothing imports this module; it is the outermost layer.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,21 +34,58 @@ Other commands (`rlhf-lightning <command> --help`):
 """
 
 
-def _auto_precision(accelerator: object) -> str:
-    """bf16-mixed on CUDA GPUs that support bf16, 32-true elsewhere (CPU, MPS, older GPUs)."""
+def choose_precision(
+    accelerator: object, *, cuda_available: bool | None = None, bf16_supported: bool | None = None
+) -> str:
+    """The Trainer precision used when a config leaves ``trainer.precision`` unset.
+
+    ``bf16-mixed`` when the run will use a CUDA GPU that supports bf16, ``32-true`` elsewhere (CPU, MPS, older GPUs).
+
+    Args:
+        accelerator: the config's ``trainer.accelerator`` (``None``, ``"auto"``, ``"gpu"``, ``"cuda"``, ``"cpu"``, ...).
+        cuda_available: whether CUDA is usable (None: ask torch).
+        bf16_supported: whether the GPU supports bf16 (None: ask torch; only asked when CUDA is usable).
+    """
+    wants_cuda = accelerator is None or (
+        isinstance(accelerator, str) and accelerator in ("auto", "gpu", "cuda")
+    )
+    if not wants_cuda:
+        return "32-true"
     import torch
 
-    wants_cuda = accelerator in (None, "auto", "gpu", "cuda")
-    if wants_cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
+        return "32-true"
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return "bf16-mixed" if bf16_supported else "32-true"
+
+
+def checkpoint_dir(callback: object, trainer: object) -> Path | None:
+    """The folder a ``ModelCheckpoint`` will write to in ``trainer``'s run, computed before the run starts.
+
+    Its ``dirpath`` when set; else, as Lightning resolves it, ``<logger save_dir>/<name>/<version>/checkpoints``
+    (``<default_root_dir>/checkpoints`` without a logger). None when it cannot be told beforehand.
+    """
+    dirpath = getattr(callback, "dirpath", None)
+    if dirpath:
+        return Path(dirpath)
+    loggers = getattr(trainer, "loggers", None) or []
+    if not loggers:
+        return Path(getattr(trainer, "default_root_dir", ".")) / "checkpoints"
+    logger = loggers[0]
+    save_dir = logger.save_dir or getattr(trainer, "default_root_dir", ".")
+    version = logger.version
+    version = version if isinstance(version, str) else f"version_{version}"
+    return Path(save_dir, str(logger.name or ""), version, "checkpoints")
 
 
 def _make_cli_class():
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
-    from rlhf_lightning.stages.checkpoints import AtomicCheckpointIO
+    from rlhf_lightning.stages.checkpoints import AtomicCheckpointIO, CheckpointError
 
     class RLHFLightningCLI(LightningCLI):
         """LightningCLI with the suite's defaults: precision per device, atomic checkpoint writes, and a guard
@@ -56,7 +94,7 @@ def _make_cli_class():
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             if config.trainer.get("precision") is None:
-                config.trainer.precision = _auto_precision(config.trainer.get("accelerator"))
+                config.trainer.precision = choose_precision(config.trainer.get("accelerator"))
 
         def instantiate_trainer(self, **kwargs):
             config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -65,24 +103,31 @@ def _make_cli_class():
             return super().instantiate_trainer(**kwargs)
 
         def before_fit(self) -> None:
+            """Refuse a fresh run (no ``--ckpt_path``) whose checkpoint folder already holds checkpoints."""
             config = self.config[self.subcommand]
             if config.get("ckpt_path"):
                 return
             for callback in self.trainer.callbacks:
-                if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-                    existing = sorted(Path(callback.dirpath).glob("*.ckpt"))
-                    if existing:
-                        raise SystemExit(
-                            f"error: checkpoint folder {callback.dirpath} already holds {existing[0].name}"
-                            f"{' and more' if len(existing) > 1 else ''} from an earlier run. Resume it with "
-                            "--ckpt_path <file>, or choose a new folder, so its checkpoints are not overwritten."
-                        )
+                if not isinstance(callback, ModelCheckpoint):
+                    continue
+                folder = checkpoint_dir(callback, self.trainer)
+                existing = sorted(folder.glob("*.ckpt")) if folder is not None and folder.is_dir() else []
+                if existing:
+                    names = ", ".join(p.name for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+                    raise CheckpointError(
+                        f"checkpoint folder {folder} already holds {names} from an earlier run; a fresh fit would "
+                        "overwrite them. Resume that run with --ckpt_path <file>, or choose a new folder "
+                        "(ModelCheckpoint dirpath / logger save_dir), or delete the old checkpoints."
+                    )
 
     return RLHFLightningCLI
 
 
-def run_stage_cli(args: Sequence[str]) -> object:
-    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``) with ``args``."""
+def run_stage_cli(args: Sequence[str] | None) -> object:
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``) with ``args``.
+
+    ``args=None`` reads ``sys.argv[1:]`` (the console script), which keeps Lightning from warning about both.
+    """
     from lightning.pytorch import LightningDataModule, LightningModule
 
     cli_class = _make_cli_class()
@@ -91,7 +136,7 @@ def run_stage_cli(args: Sequence[str]) -> object:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=list(args),
+        args=None if args is None else list(args),
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
@@ -116,7 +161,13 @@ def generate_command(args: Sequence[str]) -> None:
     parser.add_argument(
         "--ckpt", required=True, help="checkpoint file, or a stage folder (its best checkpoint)"
     )
-    parser.add_argument("--prompt", type=list[str], required=True, help="user message(s); repeat for a batch")
+    parser.add_argument(
+        "--prompt",
+        type=str,
+        nargs="+",
+        required=True,
+        help="user message(s): several give a batch of prompts",
+    )
     parser.add_argument("--system", type=str | None, default=None, help="optional system message")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -150,7 +201,7 @@ def tokenizer_command(args: Sequence[str]) -> None:
 
     parser = ArgumentParser(prog="rlhf-lightning tokenizer", description="Train a tokenizer on JSONL data.")
     parser.add_argument(
-        "--data", type=list[str], required=True, help="JSONL file(s) of any supported row shape"
+        "--data", type=str, nargs="+", required=True, help="JSONL file(s) of any supported row shape"
     )
     parser.add_argument("--output", type=str, required=True, help="where to write tokenizer.json")
     parser.add_argument("--vocab_size", type=int, default=4096)
@@ -176,17 +227,36 @@ COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
 }
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (data, checkpoint, paths, mismatched settings), not a bug: printed in one line."""
+    from rlhf_lightning.data.formats import DataFormatError
+    from rlhf_lightning.stages.checkpoints import CheckpointError, SetupError
+
+    return (DataFormatError, CheckpointError, SetupError, FileNotFoundError)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``rlhf-lightning`` console script."""
+    """Entry point of the ``rlhf-lightning`` console script.
+
+    Bad input (a malformed data row, an unusable checkpoint, a missing file, a checkpoint folder that a fresh run
+    would overwrite) ends with ``error: <message>`` on stderr and exit status 2 instead of a traceback; set
+    ``RLHF_LIGHTNING_TRACEBACK=1`` to see the traceback.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return
     command = COMMANDS.get(args[0])
-    if command is not None:
-        command(args[1:])
-    else:
-        run_stage_cli(args)
+    try:
+        if command is not None:
+            command(args[1:])
+        else:
+            run_stage_cli(None if argv is None else args)
+    except _user_errors() as err:
+        if os.environ.get("RLHF_LIGHTNING_TRACEBACK"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

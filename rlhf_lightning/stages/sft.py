@@ -11,10 +11,20 @@ Choices: the loss is a mean over assistant tokens of the whole batch (not a mean
 most SFT trainers, so long replies weigh by their length. Weights are built in ``configure_model`` (never in
 ``__init__``), from a fresh preset or from ``init_from`` (a checkpoint or a stage folder). The tokenizer comes from the
 DataModule that meets this module in the Trainer (duck-typed ``datamodule.tokenizer``), or from ``tokenizer_path``.
+
+Checkpoints are self-describing (``stages.checkpoints``): the architecture and tokenizer travel in the payload, so
+``SFTModule.load_from_checkpoint(path)`` needs no Trainer, config or tokenizer file, and validating or resuming a
+checkpoint uses the checkpoint's architecture even when the config names another preset (with a warning). Without a
+Trainer ``init_from`` is not read: the checkpoint being loaded holds the weights. A DataModule ``max_length`` above the
+model's ``max_seq_len`` fails in ``configure_model``, before the first step, rather than in the middle of an epoch.
+
+Deviation: ``train/tokens_per_sec`` counts non-padding tokens over the wall time of one optimisation step (forward,
+backward, optimizer), excluding data loading.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -26,7 +36,7 @@ from torchmetrics import MeanMetric
 from rlhf_lightning.functional.losses import sft_loss
 from rlhf_lightning.models.factory import ModelArgs, build_model, model_from_spec, model_spec
 from rlhf_lightning.optim import WarmupCosineLR, bind_total_steps
-from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY, load_backbone
+from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY, SetupError, load_backbone
 from rlhf_lightning.stages.tokenizer_link import (
     reconcile_tokenizers,
     resolve_tokenizer,
@@ -34,6 +44,8 @@ from rlhf_lightning.stages.tokenizer_link import (
     tokenizer_payload,
 )
 from rlhf_lightning.types import SFTBatch
+
+log = logging.getLogger(__name__)
 
 
 class SFTModule(LightningModule):
@@ -66,18 +78,36 @@ class SFTModule(LightningModule):
         self.tokenizer = None
         self.val_loss = MeanMetric()
         self._step_started: float | None = None
+        self._tokens_in_step = 0
 
     # -- weights ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
+        """Build the network (fresh preset, or ``init_from``'s weights) and check it fits the data."""
         if self.model is not None:
             return
         self.tokenizer = resolve_tokenizer(self, self.tokenizer_path)
         if self.init_from is not None:
+            if self._trainer is None:
+                return  # load_from_checkpoint: the checkpoint's payload rebuilds the model (on_load_checkpoint)
             self.model, stored, _ = load_backbone(self.init_from)
             self.tokenizer = reconcile_tokenizers(self.tokenizer, stored, self.init_from)
         elif self.tokenizer is not None:
             self.model = build_model(self.model_args, self.tokenizer.vocab_size)
         # else: built from the checkpoint payload in on_load_checkpoint (load_from_checkpoint without a Trainer)
+        if self.model is not None:
+            self._check_fits_data()
+
+    def _check_fits_data(self) -> None:
+        """Fail before training when the DataModule serves sequences longer than the model accepts."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        max_length = getattr(datamodule, "max_length", None)
+        max_seq_len = getattr(getattr(self.model, "config", None), "max_seq_len", None)
+        if isinstance(max_length, int) and isinstance(max_seq_len, int) and max_length > max_seq_len:
+            raise SetupError(
+                f"data max_length={max_length} is longer than the model's max_seq_len={max_seq_len}; expected "
+                f"data.max_length <= {max_seq_len} (or a model with a larger max_seq_len)"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[PAYLOAD_KEY] = {
@@ -88,13 +118,27 @@ class SFTModule(LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.model is None:
-            payload = checkpoint[PAYLOAD_KEY]
-            self.model = model_from_spec(payload["model_spec"])
-            self.tokenizer = tokenizer_from_payload(payload)
+        """Rebuild the network from the checkpoint's own spec when it differs (or none was built yet)."""
+        payload = checkpoint.get(PAYLOAD_KEY)
+        if payload is None:
+            return  # a plain Lightning checkpoint: load_state_dict reports any mismatch
+        spec = payload["model_spec"]
+        if self.model is None or model_spec(self.model) != spec:
+            if self.model is not None:
+                log.warning(
+                    "checkpoint architecture %s differs from the configured one; using the checkpoint's",
+                    spec.get("config"),
+                )
+            self.model = model_from_spec(spec)
+        stored = tokenizer_from_payload(payload)
+        if stored is not None:
+            self.tokenizer = reconcile_tokenizers(self.tokenizer, stored, "the checkpoint being loaded")
+        if self._trainer is not None:
+            self._check_fits_data()
 
     # -- steps -------------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of the language model for ``input_ids`` (B, T)."""
         return self.model(input_ids, attention_mask=attention_mask)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
