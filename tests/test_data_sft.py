@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import LightningModule, Trainer
 
 from rlhf_lightning.data.formats import DataFormatError, load_rows, parse_conversation
 from rlhf_lightning.data.sft import SFTDataModule, left_truncate, split_rows
@@ -255,3 +256,34 @@ def test_bad_arguments_fail_at_construction():
         SFTDataModule(truncation="middle")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="val_fraction"):
         SFTDataModule(val_fraction=1.0)
+
+
+class RecordingModule(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[int, list[int]]] = []
+
+    def training_step(self, batch: SFTBatch, batch_idx: int):
+        self.seen.append((self.current_epoch, batch.attention_mask.sum(1).tolist()))
+        return (self.w * batch.loss_mask.float().mean()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_trainer_reshuffles_bucketed_batches_every_epoch(make_dm):
+    dm = make_dm(max_length=128, batch_size=32, val_fraction=0.0)
+    module = RecordingModule()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    epochs = [[lens for e, lens in module.seen if e == epoch] for epoch in (0, 1)]
+    assert [sum(map(len, batches)) for batches in epochs] == [300, 300]
+    assert epochs[0] != epochs[1]  # Lightning's set_epoch reaches the bucketing sampler

@@ -33,6 +33,17 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return g
 
 
+class _EpochForwarder:
+    """Sits at ``batch_sampler.sampler``, where Lightning looks for ``set_epoch`` (it never calls the batch
+    sampler's own), and forwards the epoch to the batch sampler."""
+
+    def __init__(self, owner: LengthBucketBatchSampler) -> None:
+        self._owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
+
+
 class LengthBucketBatchSampler(Sampler[list[int]]):
     """Yield lists of dataset indices whose lengths are similar; every index exactly once per epoch.
 
@@ -76,9 +87,11 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        # Lightning's _set_sampler_epoch calls set_epoch on dataloader.sampler and dataloader.batch_sampler.sampler
+        self.sampler = _EpochForwarder(self)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch`` (Lightning calls this at the start of each epoch)."""
+        """Select the permutation of ``epoch`` (Lightning calls this, through ``.sampler``, at each epoch start)."""
         self.epoch = epoch
 
     def _all_batches(self, epoch: int) -> list[list[int]]:
