@@ -21,11 +21,13 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import yaml
 
@@ -211,16 +213,19 @@ class RLHFPipeline:
 
         from rlhf_lightning.stage_cli import RLHFLightningCLI
 
-        return RLHFLightningCLI(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            run=False,
-            args=config,
-            auto_configure_optimizers=False,
-            save_config_callback=None,
-        )
+        with mock.patch.object(
+            sys, "argv", sys.argv[:1]
+        ):  # the stage config comes from `config`, not the shell
+            return RLHFLightningCLI(
+                LightningModule,
+                LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                run=False,
+                args=config,
+                auto_configure_optimizers=False,
+                save_config_callback=None,
+            )
 
     # -- early validation -----------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -337,14 +342,12 @@ def main(args: Sequence[str]) -> dict[str, Any]:
     parser.add_class_arguments(RLHFConfig, nested_key=None, fail_untyped=False)
     parser.add_argument("--stages", type=str, default=",".join(STAGES), help="comma-separated stages to run")
     parser.add_argument("--overwrite", type=bool, default=False, help="delete save_dir first and start over")
-    cfg = parser.parse_args(list(args))
+    cfg = parser.parse_args(list(args)).as_dict()
     fields = {name: cfg[name] for name in RLHFConfig.__dataclass_fields__ if name in cfg}
     config = RLHFConfig(**fields)
-    stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
-    return RLHFPipeline(config, stages=stages, overwrite=cfg.overwrite).run()
+    stages = [s.strip() for s in cfg["stages"].split(",") if s.strip()]
+    return RLHFPipeline(config, stages=stages, overwrite=cfg["overwrite"]).run()
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])
