@@ -317,6 +317,8 @@ def test_cli_fit_then_test_reports_accuracy(
             str(train),
             "--trainer.logger",
             "false",
+            "--trainer.default_root_dir",  # where LightningCLI saves config.yaml (not the repo root)
+            str(tmp_path / "test"),
         ]
     )
     metrics = cli.trainer.callback_metrics
