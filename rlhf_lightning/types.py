@@ -20,11 +20,17 @@ class _TensorBatch:
     """Shared helpers: move every tensor field to a device, count rows."""
 
     def to(self, device: torch.device | str):
-        changes = {f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        changes = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
         return replace(self, **changes)
 
     def __len__(self) -> int:
-        return next(getattr(self, f.name).shape[0] for f in fields(self) if isinstance(getattr(self, f.name), Tensor))
+        return next(
+            getattr(self, f.name).shape[0] for f in fields(self) if isinstance(getattr(self, f.name), Tensor)
+        )
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,9 @@ class SFTBatch(_TensorBatch):
 
     input_ids: Tensor  # (B, T) long: rendered conversation, padded with the pad id
     attention_mask: Tensor  # (B, T) bool: True on real tokens (built from lengths)
-    loss_mask: Tensor  # (B, T) bool: True where input_ids[t] is an assistant token (content or its EOS) to predict
+    loss_mask: (
+        Tensor  # (B, T) bool: True where input_ids[t] is an assistant token (content or its EOS) to predict
+    )
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,9 @@ class PromptBatch(_TensorBatch):
     input_ids: Tensor  # (B, P) long: rendered prompt ending in the assistant header, left-padded
     attention_mask: Tensor  # (B, P) bool: True on real prompt tokens
     index: Tensor  # (B,) long: row index in the dataset (for data-position bookkeeping)
-    rows: tuple[dict[str, Any], ...] = field(default=())  # B dicts: {"prompt": [Message], **extra fields of the row}
+    rows: tuple[dict[str, Any], ...] = field(
+        default=()
+    )  # B dicts: {"prompt": [Message], **extra fields of the row}
 
 
 @dataclass(frozen=True)
