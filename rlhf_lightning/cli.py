@@ -4,6 +4,7 @@
 mode, so ``--model`` and ``--data`` accept any LightningModule / LightningDataModule class path). The other commands
 are small programs of their own:
 
+- ``pipeline``  SFT, reward model and PPO in sequence from one config (``rlhf_lightning.pipeline``);
 - ``generate``  sample replies from a stage checkpoint;
 - ``tokenizer`` train a byte-level BPE tokenizer on JSONL data;
 - ``score``     score a JSONL of conversations with a reward-model checkpoint.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 USAGE = """usage: rlhf-lightning <command> [options]
 
@@ -26,101 +26,15 @@ Stage commands (LightningCLI; `rlhf-lightning fit --help` for every option):
   test        evaluate on a test split
   predict     run prediction (e.g. score conversations with a reward model)
 
+The main job (SFT -> reward model -> PPO in one run):
+  pipeline    rlhf-lightning pipeline --config configs/pipeline.yaml [--stages reward,ppo] [--overwrite true]
+
 Other commands (`rlhf-lightning <command> --help`):
   generate    sample replies from a checkpoint:  rlhf-lightning generate --ckpt runs/sft --prompt "Hi!"
   tokenizer   train a tokenizer on JSONL data:   rlhf-lightning tokenizer --data a.jsonl --output tok.json
   score       score conversations with a reward model:
               rlhf-lightning score --ckpt runs/reward --input convs.jsonl --output scored.jsonl
 """
-
-
-def choose_precision(
-    accelerator: object, *, cuda_available: bool | None = None, bf16_supported: bool | None = None
-) -> str:
-    """The Trainer precision used when a config leaves ``trainer.precision`` unset.
-
-    ``bf16-mixed`` when the run will use a CUDA GPU that supports bf16, ``32-true`` elsewhere (CPU, MPS, older GPUs).
-
-    Args:
-        accelerator: the config's ``trainer.accelerator`` (``None``, ``"auto"``, ``"gpu"``, ``"cuda"``, ``"cpu"``, ...).
-        cuda_available: whether CUDA is usable (None: ask torch).
-        bf16_supported: whether the GPU supports bf16 (None: ask torch; only asked when CUDA is usable).
-    """
-    wants_cuda = accelerator is None or (
-        isinstance(accelerator, str) and accelerator in ("auto", "gpu", "cuda")
-    )
-    if not wants_cuda:
-        return "32-true"
-    import torch
-
-    if cuda_available is None:
-        cuda_available = torch.cuda.is_available()
-    if not cuda_available:
-        return "32-true"
-    if bf16_supported is None:
-        bf16_supported = torch.cuda.is_bf16_supported()
-    return "bf16-mixed" if bf16_supported else "32-true"
-
-
-def checkpoint_dir(callback: object, trainer: object) -> Path | None:
-    """The folder a ``ModelCheckpoint`` will write to in ``trainer``'s run, computed before the run starts.
-
-    Its ``dirpath`` when set; else, as Lightning resolves it, ``<logger save_dir>/<name>/<version>/checkpoints``
-    (``<default_root_dir>/checkpoints`` without a logger). None when it cannot be told beforehand.
-    """
-    dirpath = getattr(callback, "dirpath", None)
-    if dirpath:
-        return Path(dirpath)
-    loggers = getattr(trainer, "loggers", None) or []
-    if not loggers:
-        return Path(getattr(trainer, "default_root_dir", ".")) / "checkpoints"
-    logger = loggers[0]
-    save_dir = logger.save_dir or getattr(trainer, "default_root_dir", ".")
-    version = logger.version
-    version = version if isinstance(version, str) else f"version_{version}"
-    return Path(save_dir, str(logger.name or ""), version, "checkpoints")
-
-
-def _make_cli_class():
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningCLI
-
-    from rlhf_lightning.stages.checkpoints import AtomicCheckpointIO, CheckpointError
-
-    class RLHFLightningCLI(LightningCLI):
-        """LightningCLI with the suite's defaults: precision per device, atomic checkpoint writes, and a guard
-        that refuses to start a fresh run in a checkpoint folder that already holds checkpoints."""
-
-        def before_instantiate_classes(self) -> None:
-            config = self.config[self.subcommand] if self.subcommand else self.config
-            if config.trainer.get("precision") is None:
-                config.trainer.precision = choose_precision(config.trainer.get("accelerator"))
-
-        def instantiate_trainer(self, **kwargs):
-            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-            if not config["trainer"].get("plugins"):
-                kwargs.setdefault("plugins", [AtomicCheckpointIO()])
-            return super().instantiate_trainer(**kwargs)
-
-        def before_fit(self) -> None:
-            """Refuse a fresh run (no ``--ckpt_path``) whose checkpoint folder already holds checkpoints."""
-            config = self.config[self.subcommand]
-            if config.get("ckpt_path"):
-                return
-            for callback in self.trainer.callbacks:
-                if not isinstance(callback, ModelCheckpoint):
-                    continue
-                folder = checkpoint_dir(callback, self.trainer)
-                existing = sorted(folder.glob("*.ckpt")) if folder is not None and folder.is_dir() else []
-                if existing:
-                    names = ", ".join(p.name for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
-                    raise CheckpointError(
-                        f"checkpoint folder {folder} already holds {names} from an earlier run; a fresh fit would "
-                        "overwrite them. Resume that run with --ckpt_path <file>, or choose a new folder "
-                        "(ModelCheckpoint dirpath / logger save_dir), or delete the old checkpoints."
-                    )
-
-    return RLHFLightningCLI
 
 
 def run_stage_cli(args: Sequence[str] | None) -> object:
@@ -130,8 +44,9 @@ def run_stage_cli(args: Sequence[str] | None) -> object:
     """
     from lightning.pytorch import LightningDataModule, LightningModule
 
-    cli_class = _make_cli_class()
-    return cli_class(
+    from rlhf_lightning.stage_cli import RLHFLightningCLI
+
+    return RLHFLightningCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -220,7 +135,15 @@ def score_command(args: Sequence[str]) -> None:
     score_main(args)
 
 
+def pipeline_command(args: Sequence[str]) -> None:
+    """``rlhf-lightning pipeline``: SFT, reward model and PPO in sequence (see rlhf_lightning.pipeline)."""
+    from rlhf_lightning.pipeline import main as pipeline_main
+
+    pipeline_main(args)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
+    "pipeline": pipeline_command,
     "generate": generate_command,
     "tokenizer": tokenizer_command,
     "score": score_command,

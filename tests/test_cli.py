@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_lightning.cli import USAGE, checkpoint_dir, choose_precision, main
+from rlhf_lightning.cli import USAGE, main
+from rlhf_lightning.stage_cli import checkpoint_dir, choose_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
