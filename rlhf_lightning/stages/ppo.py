@@ -4,20 +4,25 @@ One ``training_step`` is one PPO iteration over a batch of ``ppo_batch_size`` pr
     1. rollout: sample responses, score them, per-token KL-penalised rewards, GAE, whitened advantages
        (``stages/rollout.py``; no gradients),
     2. update: ``epochs`` passes over shuffled minibatches; each minibatch accumulates gradients over micro-batches,
-       clips each network's global gradient norm, and steps the policy and critic optimizers,
+       clips each network's global gradient norm, and steps the policy and critic optimizers (micro-batch losses
+       are weighted by their share of the minibatch's response tokens, so accumulation equals one full minibatch),
     3. adapt the KL coefficient (fixed or adaptive controller),
     4. log everything in the checklist's "What to watch" and, every ``sample_every_n`` iterations, a sample table.
 
 Models: policy (trainable, from the SFT checkpoint), reference (frozen copy of the same checkpoint), reward model
 (frozen, from the reward checkpoint), critic (own weights initialised from the reward model, value per token; or a
 value head on the policy trunk with ``share_value_trunk``). Dropout is switched off in all of them so that the
-first minibatch of an iteration sees ratio == 1 exactly.
+first minibatch of an iteration sees ratio == 1 exactly (``stages/ppo_models.py`` loads them). Sampling seeds differ
+per data-parallel rank (:func:`rank_seed`); evaluation never moves the running reward statistics.
 
 Sources: Schulman et al. 2017 (PPO); Ziegler et al. 2019 and Ouyang et al. 2022 (RLHF PPO, adaptive KL);
 Huang et al. 2024 "The N+ Implementation Details of RLHF with PPO" (arXiv 2403.17031); Zheng et al. 2023 (PPO-max).
 Choices: k1 is the KL penalty in the reward (k1 and k3 are logged); the score is added at the last response token;
 a response without EOS gets a fixed score; each network's gradient norm is clipped separately (they have separate
 optimizers).
+
+Layout: the networks are loaded in ``stages/ppo_models.py`` and the logged metrics built in ``stages/ppo_metrics.py``;
+this file keeps the algorithm.
 
 Deliberate deviation from "override public hooks only": Lightning counts one global step per optimizer step, which
 would make ``max_steps``, ``ModelCheckpoint(every_n_train_steps)`` and resume count minibatches. The PPO updates step
@@ -27,7 +32,6 @@ Lightning mechanism counts iterations.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -36,18 +40,19 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
-from rlhf_lightning.functional.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3
+from rlhf_lightning.functional.kl import AdaptiveKLController, FixedKLController, kl_k1
 from rlhf_lightning.functional.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhf_lightning.functional.losses import ppo_policy_loss, ppo_value_loss
 from rlhf_lightning.functional.masked import masked_mean
-from rlhf_lightning.models.factory import model_from_spec, model_spec
+from rlhf_lightning.models.factory import model_spec
 from rlhf_lightning.models.generation import GenerationArgs
-from rlhf_lightning.models.heads import RewardModel, ValueModel
-from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY, load_checkpoint, submodule_state
-from rlhf_lightning.stages.rewards import RewardArgs, SequenceScorer
+from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY
+from rlhf_lightning.stages.ppo_metrics import SAMPLE_COLUMNS, iteration_metrics, sample_rows, sequence_kl
+from rlhf_lightning.stages.ppo_models import load_networks
+from rlhf_lightning.stages.rewards import RewardArgs, SequenceScorer, load_reward_function
 from rlhf_lightning.stages.rollout import make_rollout, policy_logits, response_values
 from rlhf_lightning.stages.sample_tables import log_table
-from rlhf_lightning.stages.tokenizer_link import reconcile_tokenizers, resolve_tokenizer, tokenizer_payload
+from rlhf_lightning.stages.tokenizer_link import resolve_tokenizer, tokenizer_payload
 from rlhf_lightning.types import PromptBatch, Rollout
 
 
@@ -100,8 +105,16 @@ class PPOArgs:
             "minibatch_size": self.minibatch_size >= 1,
             "micro_batch_size": self.micro_batch_size is None
             or 1 <= self.micro_batch_size <= self.minibatch_size,
+            "forward_batch_size": self.forward_batch_size is None or self.forward_batch_size >= 1,
             "clip_eps": self.clip_eps > 0,
+            "value_clip_eps": self.value_clip_eps > 0,
+            "vf_coef": self.vf_coef >= 0,
+            "entropy_coef": self.entropy_coef >= 0,
+            "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0,
+            "critic_warmup_iterations": self.critic_warmup_iterations >= 0,
             "kl_beta": self.kl_beta >= 0,
+            "kl_target": self.kl_target is None or self.kl_target > 0,
+            "kl_horizon": self.kl_horizon > 0,
             "gamma": 0 <= self.gamma <= 1,
             "lam": 0 <= self.lam <= 1,
         }
@@ -114,18 +127,9 @@ class PPOArgs:
 torch.serialization.add_safe_globals([PPOArgs])
 
 
-def _no_dropout(spec: dict[str, Any]) -> dict[str, Any]:
-    spec = copy.deepcopy(spec)
-    if "dropout" in spec.get("config", {}):
-        spec["config"]["dropout"] = 0.0
-    return spec
-
-
-def _freeze(module: torch.nn.Module) -> torch.nn.Module:
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
+def rank_seed(seed: int, rank: int) -> int:
+    """Sampling seed of data-parallel rank ``rank``: ``seed`` on rank 0, a different one on every other rank."""
+    return seed + 1000003 * rank
 
 
 class PPOModule(LightningModule):
@@ -164,6 +168,8 @@ class PPOModule(LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        for spec in rewards.functions:  # a bad "module:function" fails here, before any training
+            load_reward_function(spec)
         self.save_hyperparameters(ignore=["policy_optimizer", "value_optimizer"])
         self.automatic_optimization = False
         self.policy_from, self.reward_from = policy_from, reward_from
@@ -187,47 +193,15 @@ class PPOModule(LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        provided = resolve_tokenizer(self, self.tokenizer_path)
-        sft = load_checkpoint(self.policy_from)
-        payload = sft[PAYLOAD_KEY]
-        spec = _no_dropout(payload["model_spec"])
-        policy_state = submodule_state(
-            sft["state_dict"], payload.get("policy_prefix", payload["backbone_prefix"])
+        nets = load_networks(
+            self.policy_from,
+            self.reward_from,
+            self.value_from,
+            self.share_value_trunk,
+            resolve_tokenizer(self, self.tokenizer_path),
         )
-        self.policy = model_from_spec(spec)
-        self.policy.load_state_dict(policy_state)
-        self.reference = _freeze(model_from_spec(spec))
-        self.reference.load_state_dict(policy_state)
-        from rlhf_lightning.stages.tokenizer_link import tokenizer_from_payload
-
-        self.tokenizer = reconcile_tokenizers(provided, tokenizer_from_payload(payload), self.policy_from)
-
-        self.reward_model = None
-        if self.reward_from is not None:
-            reward_ckpt = load_checkpoint(self.reward_from)
-            reward_payload = reward_ckpt[PAYLOAD_KEY]
-            if reward_payload["stage"] != "reward":
-                raise ValueError(f"reward_from={self.reward_from}: a '{reward_payload['stage']}' checkpoint")
-            self.reward_model = RewardModel(model_from_spec(_no_dropout(reward_payload["model_spec"])))
-            self.reward_model.load_state_dict(
-                submodule_state(reward_ckpt["state_dict"], reward_payload["reward_prefix"])
-            )
-            _freeze(self.reward_model)
-            reconcile_tokenizers(self.tokenizer, tokenizer_from_payload(reward_payload), self.reward_from)
-
-        if self.share_value_trunk:
-            self.value_model = ValueModel(self.policy)
-        else:
-            value_ckpt = load_checkpoint(self.value_from)
-            value_payload = value_ckpt[PAYLOAD_KEY]
-            backbone = model_from_spec(_no_dropout(value_payload["model_spec"]))
-            backbone.load_state_dict(
-                submodule_state(value_ckpt["state_dict"], value_payload["backbone_prefix"])
-            )
-            self.value_model = ValueModel(backbone)
-            if value_payload["stage"] == "reward":  # start the value head from the reward head (same scale)
-                head = submodule_state(value_ckpt["state_dict"], value_payload["reward_prefix"] + "head.")
-                self.value_model.head.load_state_dict(head)
+        self.policy, self.reference, self.tokenizer = nets.policy, nets.reference, nets.tokenizer
+        self.reward_model, self.value_model = nets.reward_model, nets.value_model
         self.scorer = SequenceScorer(self.rewards, self.reward_model)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -252,7 +226,7 @@ class PPOModule(LightningModule):
     # -- one iteration -----------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         if not self._generator_seeded:  # different sampling seeds per data-parallel rank
-            self.generator.manual_seed(self.seed + 1000003 * self.global_rank)
+            self.generator.manual_seed(rank_seed(self.seed, self.global_rank))
             self._generator_seeded = True
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -262,16 +236,18 @@ class PPOModule(LightningModule):
         update_policy = iteration >= self.ppo.critic_warmup_iterations
         stats = self._update(rollout, update_policy)  # 2. PPO epochs over shuffled minibatches
         train_time = time.perf_counter() - started
-        kl_per_seq = (kl_k1(rollout.logprobs, rollout.ref_logprobs) * rollout.response_mask).sum(1).mean()
-        self.kl_controller.update(kl_per_seq, n_steps=len(rollout))  # 3. adapt beta
+        self.kl_controller.update(sequence_kl(kl_k1, rollout).mean(), n_steps=len(rollout))  # 3. adapt beta
         self._log_iteration(rollout, timings, stats, train_time)  # 4. log
         if self.sample_every_n and iteration % self.sample_every_n == 0:
             self._log_samples(rollout, iteration)
         self._count_iteration()
 
-    def _rollout(self, batch: PromptBatch) -> tuple[Rollout, Any]:
+    def _rollout(
+        self, batch: PromptBatch, generator: torch.Generator | None = None, update_running_stats: bool = True
+    ) -> tuple[Rollout, Any]:
         self.policy.eval(), self.value_model.eval()
-        generator = self.generator if self.device.type == "cpu" else None
+        if generator is None:
+            generator = self.generator if self.device.type == "cpu" else None
         if generator is None:  # CUDA sampling: a device generator seeded from ours keeps runs reproducible
             seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -289,14 +265,12 @@ class PPOModule(LightningModule):
             whiten_advantages=self.ppo.whiten_advantages,
             forward_batch_size=self.ppo.forward_batch_size,
             generator=generator,
+            update_running_stats=update_running_stats,
         )
 
     def _update(self, rollout: Rollout, update_policy: bool) -> dict[str, torch.Tensor]:
         policy_opt, value_opt = self.optimizers(use_pl_optimizer=False)
-        (
-            self.policy.train(),
-            self.value_model.train(),
-        )  # dropout is 0, so train mode changes nothing numerically
+        self.policy.train(), self.value_model.train()  # dropout is 0: train mode changes nothing numerically
         B = len(rollout)
         mb = min(self.ppo.minibatch_size, B)
         micro = min(self.ppo.micro_batch_size or mb, mb)
@@ -307,10 +281,13 @@ class PPOModule(LightningModule):
                 rows = order[start : start + mb]
                 policy_opt.zero_grad(set_to_none=True)
                 value_opt.zero_grad(set_to_none=True)
+                tokens = rollout.response_mask[rows].sum().clamp_min(1)
                 for m in range(0, len(rows), micro):
                     part = rows[m : m + micro]
                     loss, stats = self._losses(rollout, part, update_policy)
-                    self.manual_backward(loss * len(part) / len(rows))
+                    # losses are token means: weight each micro-batch by its share of the minibatch's tokens, so
+                    # the accumulated gradient equals the full minibatch's
+                    self.manual_backward(loss * rollout.response_mask[part].sum() / tokens)
                     for key, value in stats.items():
                         history.setdefault(key, []).append(value)
                 grad_norms = self._clip_and_step(policy_opt, value_opt, update_policy)
@@ -368,68 +345,27 @@ class PPOModule(LightningModule):
     def _log_iteration(
         self, rollout: Rollout, timings, stats: dict[str, torch.Tensor], train_time: float
     ) -> None:
-        mask = rollout.response_mask
-        k1 = (kl_k1(rollout.logprobs, rollout.ref_logprobs) * mask).sum(1)
-        k3 = (kl_k3(rollout.logprobs, rollout.ref_logprobs) * mask).sum(1)
-        total = timings.generation + timings.scoring + train_time
-        metrics = {
-            "rollout/score_mean": rollout.scores.mean(),
-            "rollout/score_std": rollout.scores.std() if len(rollout) > 1 else rollout.scores.new_zeros(()),
-            "rollout/raw_score_mean": rollout.raw_scores.mean(),
-            "rollout/kl": k1.mean(),
-            "rollout/kl_k3": k3.mean(),
-            "rollout/response_len": mask.sum(1).float().mean(),
-            "rollout/eos_rate": rollout.ended_with_eos.float().mean(),
-            "rollout/advantage_mean": masked_mean(rollout.advantages, mask),
-            "rollout/return_mean": masked_mean(rollout.returns, mask),
-            "rollout/value_mean": masked_mean(rollout.values, mask),
-            "ppo/kl_beta": torch.tensor(self.kl_controller.value),
-            "time/generation": torch.tensor(timings.generation),
-            "time/scoring": torch.tensor(timings.scoring),
-            "time/training": torch.tensor(train_time),
-            "time/iteration": torch.tensor(total),
-            "time/generated_tokens_per_sec": torch.tensor(
-                timings.generated_tokens / max(timings.generation, 1e-9)
-            ),
-        }
-        metrics.update({f"ppo/{key}": value for key, value in stats.items()})
+        metrics = iteration_metrics(rollout, timings, stats, train_time, self.kl_controller.value)
         self.log_dict(metrics, batch_size=len(rollout))
-        self.log("score", rollout.scores.mean(), prog_bar=True, logger=False, batch_size=len(rollout))
-        self.log("kl", k1.mean(), prog_bar=True, logger=False, batch_size=len(rollout))
+        self.log("score", metrics["rollout/score_mean"], prog_bar=True, logger=False, batch_size=len(rollout))
+        self.log("kl", metrics["rollout/kl"], prog_bar=True, logger=False, batch_size=len(rollout))
 
     def _log_samples(self, rollout: Rollout, iteration: int) -> None:
-        k1 = (kl_k1(rollout.logprobs, rollout.ref_logprobs) * rollout.response_mask).sum(1)
-        rows = [
-            [iteration, prompt[-500:], text, float(score), float(kl), int(length)]
-            for prompt, text, score, kl, length in zip(
-                rollout.prompts, rollout.texts, rollout.scores, k1, rollout.response_mask.sum(1)
-            )
-        ]
-        log_table(self, "samples/ppo", ["iteration", "prompt", "response", "score", "kl", "length"], rows)
+        log_table(self, "samples/ppo", SAMPLE_COLUMNS, sample_rows(rollout, iteration))
 
     # -- evaluation on held-out prompts --------------------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """Reward-model score, KL to the reference and length of responses to held-out prompts (fixed seed)."""
+        if batch_idx * len(batch) >= self.eval_max_prompts:  # bound the cost of each evaluation
+            return
         generator = torch.Generator(device=self.device).manual_seed(self.seed + batch_idx)
-        rollout, _ = make_rollout(
-            policy=self.policy,
-            reference=self.reference,
-            value_model=self.value_model,
-            scorer=self.scorer,
-            tokenizer=self.tokenizer,
-            batch=batch,
-            generation=self.generation,
-            kl_beta=self.kl_controller.value,
-            gamma=self.ppo.gamma,
-            lam=self.ppo.lam,
-            forward_batch_size=self.ppo.forward_batch_size,
-            generator=generator,
-        )
+        # evaluation must not move the training reward statistics
+        rollout, _ = self._rollout(batch, generator=generator, update_running_stats=False)
         mask = rollout.response_mask
         n = len(rollout)
         self.log("val/score", rollout.scores.mean(), batch_size=n, prog_bar=True)
         self.log("val/raw_score", rollout.raw_scores.mean(), batch_size=n)
-        self.log("val/kl", (kl_k1(rollout.logprobs, rollout.ref_logprobs) * mask).sum(1).mean(), batch_size=n)
+        self.log("val/kl", sequence_kl(kl_k1, rollout).mean(), batch_size=n)
         self.log("val/response_len", mask.sum(1).float().mean(), batch_size=n)
         self.log("val/eos_rate", rollout.ended_with_eos.float().mean(), batch_size=n)
 

@@ -7,14 +7,19 @@ and returns a float.
 
 Shaping, in order (Huang et al. 2024, arXiv 2403.17031; Zheng et al. 2023 "PPO-max", arXiv 2307.04964):
     1. the reward model's score is normalised with the mean/std stored in its checkpoint (``normalize``),
-    2. optionally scaled by a running std of all scores seen so far (``running_normalize``, PPO-max),
+    2. optionally scaled by a running std of all training scores seen so far (``running_normalize``, PPO-max; left
+       unscaled while that std is still 0, e.g. after one score or a stream of identical scores),
     3. clipped to ``[-clip, clip]``,
     4. a response that ran to the length limit without EOS gets the fixed ``missing_eos_score`` instead.
+
+Reward-function specs are checked twice before training: their form in ``RewardArgs`` (config parsing) and the import,
+attribute and call signature when ``PPOModule`` is constructed (:func:`load_reward_function`).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +61,8 @@ class RewardArgs:
             )
         if self.clip is not None and self.clip <= 0:
             raise ValueError(f"rewards.clip must be > 0 or null, got {self.clip}")
+        for spec in self.functions:
+            _split_spec(spec)
         if self.model_weight == 0 and not self.functions:
             raise ValueError("no reward source: set rewards.model_weight > 0 or give rewards.functions")
 
@@ -64,11 +71,16 @@ class RewardArgs:
 torch.serialization.add_safe_globals([RewardArgs])
 
 
-def load_reward_function(spec: str) -> RewardFunction:
-    """Import ``"package.module:function"``; errors say which part is wrong."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
+def _split_spec(spec: str) -> tuple[str, str]:
+    module_name, sep, attr = str(spec).partition(":")
+    if not isinstance(spec, str) or not sep or not module_name.strip() or not attr.strip() or ":" in attr:
         raise ValueError(f"reward function {spec!r}: expected the form 'package.module:function'")
+    return module_name.strip(), attr.strip()
+
+
+def load_reward_function(spec: str) -> RewardFunction:
+    """Import ``"package.module:function"``; errors say which part is wrong (form, module, name or signature)."""
+    module_name, attr = _split_spec(spec)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -76,6 +88,14 @@ def load_reward_function(spec: str) -> RewardFunction:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: module {module_name!r} has no callable {attr!r}")
+    try:
+        inspect.signature(fn).bind(None, None, None)
+    except TypeError as err:
+        raise ValueError(
+            f"reward function {spec!r}: cannot be called as fn(prompt, response, row) ({err})"
+        ) from err
+    except ValueError:  # no introspectable signature (some builtins): checked when first called
+        pass
     return fn
 
 
@@ -87,6 +107,7 @@ class SequenceScorer:
             raise ValueError("rewards.model_weight is non-zero but no reward model was given (reward_from)")
         self.args = args
         self.reward_model = reward_model
+        self.specs = list(args.functions)
         self.functions = [load_reward_function(spec) for spec in args.functions]
         self.function_weights = list(args.function_weights or [1.0] * len(self.functions))
         self.running = RunningMoments()
@@ -114,17 +135,32 @@ class SequenceScorer:
             if self.args.normalize:
                 scores = self.reward_model.normalize(scores)
             total += self.args.model_weight * scores
-        for fn, weight in zip(self.functions, self.function_weights):
-            values = [float(fn(list(p), r, dict(row))) for p, r, row in zip(prompts, responses, rows)]
+        for spec, fn, weight in zip(self.specs, self.functions, self.function_weights):
+            values = []
+            for i, (p, r, row) in enumerate(zip(prompts, responses, rows)):
+                try:
+                    values.append(float(fn(list(p), r, dict(row))))
+                except Exception as err:
+                    raise RuntimeError(
+                        f"reward function {spec!r} failed on row {i} ({repr(row)[:200]}): {err!r}"
+                    ) from err
             total += weight * torch.tensor(values, device=total.device)
         return total
 
-    def shape(self, raw: torch.Tensor, ended_with_eos: torch.Tensor) -> torch.Tensor:
-        """Running normalisation, clipping and the missing-EOS score: raw (B,), ended_with_eos (B,) bool -> (B,)."""
+    def shape(
+        self, raw: torch.Tensor, ended_with_eos: torch.Tensor, update_running: bool = True
+    ) -> torch.Tensor:
+        """Running normalisation, clipping and the missing-EOS score: raw (B,), ended_with_eos (B,) bool -> (B,).
+
+        ``update_running=False`` (evaluation) uses the running std without folding ``raw`` into it.
+        """
         scores = raw
         if self.args.running_normalize:
-            self.running.update(raw)
-            scores = scores / max(self.running.std, 1e-6)
+            if update_running:
+                self.running.update(raw)
+            std = self.running.std
+            if std > 1e-8:  # no spread seen yet: dividing by ~0 would blow scores up to the clip limit
+                scores = scores / std
         if self.args.clip is not None:
             scores = scores.clamp(-self.args.clip, self.args.clip)
         if self.args.missing_eos_score is not None:

@@ -55,6 +55,29 @@ def response_values(value_model: torch.nn.Module, sequences: Tensor, mask: Tenso
     return value_model(sequences, mask)[:, prompt_len - 1 : -1].float()
 
 
+def rewards_and_advantages(
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    values: Tensor,
+    response_mask: Tensor,
+    kl_beta: float,
+    gamma: float,
+    lam: float,
+    whiten: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 4-5: per-token rewards, advantages and returns (B, R) each, 0 on padding.
+
+    scores (B,); logprobs, ref_logprobs, values (B, R); response_mask (B, R) bool. Values at padded positions never
+    reach the rewards, the GAE recursion or the whitening statistics.
+    """
+    rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, response_mask, kl_beta)
+    advantages, returns = gae(rewards, values, response_mask, gamma=gamma, lam=lam)
+    if whiten:
+        advantages = masked_whiten(advantages, response_mask)
+    return rewards, advantages, returns
+
+
 def _chunked(fn: Callable[[slice], Tensor], batch: int, chunk: int | None) -> Tensor:
     chunk = chunk or batch
     return torch.cat([fn(slice(i, i + chunk)) for i in range(0, batch, chunk)])
@@ -76,8 +99,12 @@ def make_rollout(
     whiten_advantages: bool = True,
     forward_batch_size: int | None = None,
     generator: torch.Generator | None = None,
+    update_running_stats: bool = True,
 ) -> tuple[Rollout, RolloutTimings]:
-    """Sample responses to ``batch`` and compute everything a PPO update needs (see the module docstring)."""
+    """Sample responses to ``batch`` and compute everything a PPO update needs (see the module docstring).
+
+    ``update_running_stats=False`` (evaluation) shapes scores with the running statistics without updating them.
+    """
     started = time.perf_counter()
     out = generate(  # 1. sample with the KV cache; tokens after the first EOS are pad, mask False
         policy,
@@ -113,13 +140,12 @@ def make_rollout(
     prompts = [row.get("prompt", []) for row in batch.rows] if batch.rows else [[] for _ in range(B)]
     extra_rows = list(batch.rows) if batch.rows else [{} for _ in range(B)]
     raw_scores = scorer.raw_scores(sequences, mask, prompts, texts, extra_rows, forward_batch_size)
-    scores = scorer.shape(raw_scores, ended_with_eos)
+    scores = scorer.shape(raw_scores, ended_with_eos, update_running=update_running_stats)
 
     # 4. KL-penalised per-token rewards, 5. GAE and whitening over valid tokens only
-    rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, response_mask, kl_beta)
-    advantages, returns = gae(rewards, values, response_mask, gamma=gamma, lam=lam)
-    if whiten_advantages:
-        advantages = masked_whiten(advantages, response_mask)
+    rewards, advantages, returns = rewards_and_advantages(
+        scores, logprobs, ref_logprobs, values, response_mask, kl_beta, gamma, lam, whiten_advantages
+    )
     scored = time.perf_counter()
 
     rollout = Rollout(

@@ -1,0 +1,68 @@
+"""What the PPO stage logs each iteration (the checklist's "What to watch"), computed from a rollout.
+
+Metric keys follow ``<phase>/<quantity>``: ``rollout/*`` (scores, KL to the reference as k1 and k3, response length,
+EOS rate, advantage/return/value means), ``ppo/*`` (update statistics, KL coefficient) and ``time/*`` (seconds per
+phase and generated tokens per second). Per-sequence KL sums only valid response tokens: padding never contributes.
+Split out of ``stages/ppo.py`` to keep that file about the algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlhf_lightning.functional.kl import kl_k1, kl_k3
+from rlhf_lightning.functional.masked import masked_mean, masked_sum
+from rlhf_lightning.types import Rollout
+
+SAMPLE_COLUMNS = ["iteration", "prompt", "response", "score", "kl", "length"]
+
+
+def sequence_kl(estimator: Callable[[Tensor, Tensor], Tensor], rollout: Rollout) -> Tensor:
+    """Per-sequence KL (B,) to the reference: ``estimator`` (k1, k3) summed over valid response tokens only."""
+    return masked_sum(estimator(rollout.logprobs, rollout.ref_logprobs), rollout.response_mask, dim=1)
+
+
+def iteration_metrics(
+    rollout: Rollout, timings: Any, stats: dict[str, Tensor], train_time: float, kl_beta: float
+) -> dict[str, Tensor]:
+    """Scalar metrics of one iteration: rollout statistics, update ``stats`` (prefixed ``ppo/``) and timings."""
+    mask = rollout.response_mask
+    k1, k3 = sequence_kl(kl_k1, rollout), sequence_kl(kl_k3, rollout)
+    total = timings.generation + timings.scoring + train_time
+    metrics = {
+        "rollout/score_mean": rollout.scores.mean(),
+        "rollout/score_std": rollout.scores.std() if len(rollout) > 1 else rollout.scores.new_zeros(()),
+        "rollout/raw_score_mean": rollout.raw_scores.mean(),
+        "rollout/kl": k1.mean(),
+        "rollout/kl_k3": k3.mean(),
+        "rollout/response_len": mask.sum(1).float().mean(),
+        "rollout/eos_rate": rollout.ended_with_eos.float().mean(),
+        "rollout/advantage_mean": masked_mean(rollout.advantages, mask),
+        "rollout/return_mean": masked_mean(rollout.returns, mask),
+        "rollout/value_mean": masked_mean(rollout.values, mask),
+        "ppo/kl_beta": torch.tensor(kl_beta),
+        "time/generation": torch.tensor(timings.generation),
+        "time/scoring": torch.tensor(timings.scoring),
+        "time/training": torch.tensor(train_time),
+        "time/iteration": torch.tensor(total),
+        "time/generated_tokens_per_sec": torch.tensor(
+            timings.generated_tokens / max(timings.generation, 1e-9)
+        ),
+    }
+    metrics.update({f"ppo/{key}": value for key, value in stats.items()})
+    return metrics
+
+
+def sample_rows(rollout: Rollout, iteration: int) -> list[list[Any]]:
+    """Rows of the sample table (columns :data:`SAMPLE_COLUMNS`), prompts cut to their last 500 characters."""
+    k1 = sequence_kl(kl_k1, rollout)
+    return [
+        [iteration, prompt[-500:], text, float(score), float(kl), int(length)]
+        for prompt, text, score, kl, length in zip(
+            rollout.prompts, rollout.texts, rollout.scores, k1, rollout.response_mask.sum(1)
+        )
+    ]

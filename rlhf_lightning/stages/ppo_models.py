@@ -1,0 +1,118 @@
+"""The networks of the PPO stage, loaded from stage checkpoints with dropout switched off.
+
+- policy and reference: the same SFT (or PPO) checkpoint; the reference is frozen,
+- reward model: a reward checkpoint (frozen, with its stored score mean/std for normalisation),
+- critic: its own copy of ``value_from``'s backbone (the reward model by default) and, when that is a reward
+  checkpoint, a value head initialised from the reward head (same scale, separate weights); or, with
+  ``share_value_trunk``, a fresh value head on the policy's trunk.
+
+Dropout: every dropout rate in the stored architecture (``dropout``, ``attn_dropout``, ...) is set to 0 before the
+network is built, and any ``nn.Dropout`` or attention dropout rate left in the built network is zeroed too, so the
+first minibatch of each PPO iteration sees ratio == 1 exactly even in train mode (PPO checklist, "Dropout off in
+policy, reference, value and reward models"). Split out of ``stages/ppo.py`` to keep that file about the algorithm.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from rlhf_lightning.models.factory import model_from_spec
+from rlhf_lightning.models.heads import RewardModel, ValueModel
+from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY, load_checkpoint, submodule_state
+from rlhf_lightning.stages.tokenizer_link import reconcile_tokenizers, tokenizer_from_payload
+
+
+def no_dropout_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a stored ``model_spec`` with every ``*dropout*`` rate set to 0."""
+    spec = copy.deepcopy(spec)
+    config = spec.get("config", {})
+    for key in config:
+        if "dropout" in key and config[key] is not None:
+            config[key] = 0.0
+    return spec
+
+
+def disable_dropout(module: nn.Module) -> nn.Module:
+    """Zero every dropout rate inside ``module`` (``nn.Dropout`` layers and float ``attn_dropout`` attributes)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.dropout._DropoutNd):
+            sub.p = 0.0
+        if isinstance(getattr(sub, "attn_dropout", None), float):
+            sub.attn_dropout = 0.0
+    return module
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode and no gradients."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def _backbone(spec: dict[str, Any]) -> nn.Module:
+    return disable_dropout(model_from_spec(no_dropout_spec(spec)))
+
+
+@dataclass
+class PPONetworks:
+    """What :func:`load_networks` returns."""
+
+    policy: nn.Module
+    reference: nn.Module
+    reward_model: RewardModel | None
+    value_model: ValueModel
+    tokenizer: Any
+
+
+def load_networks(
+    policy_from: str,
+    reward_from: str | None,
+    value_from: str,
+    share_value_trunk: bool,
+    provided_tokenizer: Any,
+) -> PPONetworks:
+    """Build the policy, reference, reward model and critic (see the module docstring)."""
+    sft = load_checkpoint(policy_from)
+    payload = sft[PAYLOAD_KEY]
+    policy_state = submodule_state(
+        sft["state_dict"], payload.get("policy_prefix", payload["backbone_prefix"])
+    )
+    policy = _backbone(payload["model_spec"])
+    policy.load_state_dict(policy_state)
+    reference = freeze(_backbone(payload["model_spec"]))
+    reference.load_state_dict(policy_state)
+    tokenizer = reconcile_tokenizers(provided_tokenizer, tokenizer_from_payload(payload), policy_from)
+
+    reward_model = None
+    if reward_from is not None:
+        reward_ckpt = load_checkpoint(reward_from)
+        reward_payload = reward_ckpt[PAYLOAD_KEY]
+        if reward_payload["stage"] != "reward":
+            raise ValueError(f"reward_from={reward_from}: a '{reward_payload['stage']}' checkpoint")
+        reward_model = RewardModel(_backbone(reward_payload["model_spec"]))
+        reward_model.load_state_dict(
+            submodule_state(reward_ckpt["state_dict"], reward_payload["reward_prefix"])
+        )
+        freeze(reward_model)
+        reconcile_tokenizers(tokenizer, tokenizer_from_payload(reward_payload), reward_from)
+
+    if share_value_trunk:
+        value_model = ValueModel(policy)
+    else:
+        value_ckpt = load_checkpoint(value_from)
+        value_payload = value_ckpt[PAYLOAD_KEY]
+        backbone = _backbone(value_payload["model_spec"])
+        backbone.load_state_dict(submodule_state(value_ckpt["state_dict"], value_payload["backbone_prefix"]))
+        value_model = ValueModel(backbone)
+        if value_payload["stage"] == "reward":  # start the value head from the reward head (same scale)
+            head = submodule_state(value_ckpt["state_dict"], value_payload["reward_prefix"] + "head.")
+            value_model.head.load_state_dict(head)
+    return PPONetworks(policy, reference, reward_model, value_model, tokenizer)
+
+
+__all__ = ["PPONetworks", "disable_dropout", "freeze", "load_networks", "no_dropout_spec"]
