@@ -118,9 +118,19 @@ def left_truncate(
 def tokenizer_for(
     tokenizer_path: str, data_paths: Sequence[str], vocab_size: int, cached: ChatTokenizer | None
 ) -> ChatTokenizer:
-    """Load ``tokenizer_path``, or train one on ``data_paths`` and save it there (first run of a pipeline)."""
+    """Load ``tokenizer_path``, or train one on ``data_paths`` and save it there (first run of a pipeline).
+
+    A folder with Hugging Face tokenizer files (a local model folder) loads that tokenizer and its chat template
+    through ``rlhf_lightning.tokenization_hf`` (imported only then: the data layer never imports transformers).
+    """
     if cached is not None:
         return cached
+    if Path(tokenizer_path).is_dir():
+        from rlhf_lightning.tokenization_hf import HFChatTokenizer, is_hf_tokenizer_folder
+
+        if not is_hf_tokenizer_folder(tokenizer_path):
+            raise FileNotFoundError(f"{tokenizer_path}: a folder without Hugging Face tokenizer files")
+        return HFChatTokenizer.from_pretrained(tokenizer_path)
     from rlhf_lightning.tokenization import load_or_train_tokenizer
 
     return load_or_train_tokenizer(tokenizer_path, list(data_paths), vocab_size=vocab_size)

@@ -1,0 +1,309 @@
+"""Local Hugging Face causal LMs as backbones: the only model module that imports ``transformers`` / ``peft``.
+
+:class:`HFCausalLM` wraps ``AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)`` (nothing is ever
+downloaded; ``trust_remote_code`` only when the user asks) and implements the backbone protocol every stage uses:
+
+- ``hidden_states(input_ids, attention_mask, position_ids=None, cache=None) -> (B, T, D)``: the base model's
+  ``last_hidden_state`` (after its final norm), so heads and ``lm_head`` see what the HF LM head sees;
+- ``lm_head`` (the model's output embedding), ``config`` (the HF config: ``hidden_size`` / ``n_embd``),
+  ``gradient_checkpointing`` (a settable flag forwarded to ``gradient_checkpointing_enable``);
+- ``new_cache(batch_size, max_len)`` -> :class:`HFCache`, a ``DynamicCache`` plus the attention mask of every token
+  cached so far. Each call hands the model the whole accumulated (B, S + T) mask and position ids that continue
+  from each row's count of real tokens, so ``models.generation.generate`` runs unchanged on left-padded prompts and
+  a prefill + decode run sees exactly the positions of one full forward.
+
+Position ids default to ``attention_mask.cumsum(-1) - 1`` clamped at 0, as in the built-in GPT (left padding safe).
+
+LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models") goes through ``peft.get_peft_model``:
+only the adapter weights train, and :meth:`HFCausalLM.adapter_disabled` (peft's ``disable_adapter``) gives the base
+model's outputs, which PPO uses as the reference policy instead of a second copy of the weights.
+
+A checkpoint stores the spec (:meth:`HFCausalLM.spec`: the folder, the resolved config dict, the LoRA settings); the
+weights travel in the Lightning state dict, so :meth:`HFCausalLM.from_spec` rebuilds the same module (random init from
+the config, then ``load_state_dict``) without reading the folder's weights again. Vocabulary growth (a pad token
+added by ``tokenization_hf``) resizes the embeddings before LoRA is applied, and the resized size is in the spec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+
+from rlhf_lightning.models.factory import LoRAArgs
+
+__all__ = ["HFCache", "HFCausalLM", "is_hf_folder"]
+
+
+def is_hf_folder(path: str | Path | None) -> bool:
+    """True when ``path`` is a folder holding a Hugging Face ``config.json``."""
+    return path is not None and (Path(path) / "config.json").is_file()
+
+
+class HFCache:
+    """A transformers ``DynamicCache`` and the (B, S) bool mask of the S tokens cached so far.
+
+    ``n_real`` (B,) long counts real tokens per row: the position id of each row's next token.
+    """
+
+    def __init__(self, batch_size: int, max_len: int, device: torch.device) -> None:
+        self.inner = DynamicCache()
+        self.mask = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        self.n_real = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.batch_size = batch_size
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal LM (optionally with a LoRA adapter) behind the backbone protocol.
+
+    Args:
+        model: the loaded ``PreTrainedModel`` (``*ForCausalLM``).
+        source: the folder it came from (stored in the spec; export copies nothing else from it).
+        lora: LoRA settings; None trains every weight.
+        trust_remote_code: recorded so a rebuild from the spec may run the folder's own modelling code.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        source: str,
+        lora: LoRAArgs | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.source = str(source)
+        self.lora_args = lora
+        self.trust_remote_code = trust_remote_code
+        if lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules) if lora.target_modules else None,
+                bias="none",
+            )
+            model = get_peft_model(model, config)
+        self.net = model
+        self.net.train()  # from_pretrained returns eval mode; an nn.Module starts in train mode (stages switch it)
+        self.config = self.hf_model.config
+        self._gradient_checkpointing = False
+
+    # ------------------------------------------------------------------------------------------------ building
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        trust_remote_code: bool = False,
+        lora: LoRAArgs | None = None,
+        vocab_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> HFCausalLM:
+        """Load the folder's weights (never from the network); grow the embeddings to ``vocab_size`` if larger."""
+        if not is_hf_folder(path):
+            raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+        _grow_vocab(model, vocab_size)
+        return cls(model, str(path), lora=lora, trust_remote_code=trust_remote_code)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> HFCausalLM:
+        """Rebuild (random-initialised) the module described by :meth:`spec`; load the state dict afterwards."""
+        config_dict = dict(spec["config"])
+        trust = bool(spec.get("trust_remote_code", False))
+        if trust:
+            config = AutoConfig.from_pretrained(spec["path"], local_files_only=True, trust_remote_code=True)
+            for key, value in config_dict.items():
+                setattr(config, key, value)
+        else:
+            model_type = config_dict.pop("model_type")
+            config = AutoConfig.for_model(model_type, **config_dict)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, dtype=torch.float32)
+        lora = spec.get("lora")
+        return cls(
+            model, spec["path"], lora=None if lora is None else LoRAArgs(**lora), trust_remote_code=trust
+        )
+
+    def spec(self) -> dict[str, Any]:
+        """Plain-dict description (kind ``hf``) that :meth:`from_spec` turns back into this module."""
+        config = self.hf_model.config.to_dict()
+        for key in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
+            config.pop(key, None)
+        return {
+            "kind": "hf",
+            "path": self.source,
+            "config": config,
+            "lora": None if self.lora_args is None else asdict(self.lora_args),
+            "trust_remote_code": self.trust_remote_code,
+        }
+
+    # ------------------------------------------------------------------------------------------------- parts
+    @property
+    def is_lora(self) -> bool:
+        return self.lora_args is not None
+
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """The ``*ForCausalLM`` model (inside the peft wrapper when LoRA is on; its linears carry the adapter)."""
+        return self.net.get_base_model() if self.lora_args is not None else self.net
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The base transformer (``LlamaModel``, ``GPT2Model``, ...) whose output is after the final norm."""
+        model = self.hf_model
+        return getattr(model, model.base_model_prefix)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """D -> V output projection."""
+        return self.hf_model.get_output_embeddings()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self._gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        if bool(value) == self._gradient_checkpointing:
+            return
+        self._gradient_checkpointing = bool(value)
+        model = self.hf_model
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            if value:
+                raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+            return
+        # transformers 5 renamed the methods (activation_checkpointing_*); the old names still work with a warning
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            if value:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.activation_checkpointing_disable()
+        elif value:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_disable()
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Run the base model without the LoRA adapter (peft ``disable_adapter``); an error without LoRA."""
+        if self.lora_args is None:
+            raise RuntimeError("adapter_disabled() needs a LoRA model")
+        with self.net.disable_adapter():
+            yield
+
+    # ----------------------------------------------------------------------------------------------- compute
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> HFCache:
+        """An empty :class:`HFCache` (``max_len`` is advisory: the dynamic cache grows as needed)."""
+        device = device or self.lm_head.weight.device
+        return HFCache(batch_size, max_len, torch.device(device))
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: HFCache | None = None,
+    ) -> Tensor:
+        """Final-norm hidden states (B, T, D); arguments as in ``models.gpt.GPT.hidden_states``.
+
+        With a cache, ``attention_mask`` may be (B, T) or cover the cached prefix too (only its last T columns are
+        read); the cache's own mask supplies the prefix.
+        """
+        b, t = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            mask = torch.ones(b, t, dtype=torch.bool, device=device)
+        else:
+            mask = attention_mask[:, -t:].bool()
+        full = mask if cache is None else torch.cat([cache.mask, mask], dim=1)  # (B, S + T)
+        if position_ids is None:
+            before = 0 if cache is None else cache.n_real[:, None]
+            position_ids = (before + mask.long().cumsum(-1) - 1).clamp_(min=0)
+        out = self.decoder(
+            input_ids=input_ids,
+            attention_mask=full.long(),
+            position_ids=position_ids,
+            past_key_values=None if cache is None else cache.inner,
+            use_cache=cache is not None,
+        )
+        if cache is not None:
+            cache.mask = full
+            cache.n_real = cache.n_real + mask.sum(-1)
+        return out.last_hidden_state
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: HFCache | None = None,
+    ) -> Tensor:
+        """Logits (B, T, V)."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+
+
+def _grow_vocab(model: PreTrainedModel, vocab_size: int | None) -> None:
+    """Resize the embeddings when the tokenizer has more ids than the model (e.g. an added pad token)."""
+    if vocab_size is None:
+        return
+    current = model.get_input_embeddings().weight.shape[0]
+    if vocab_size > current:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+
+
+class AdapterDisabledView:
+    """The reference policy of a LoRA policy: the same module with the adapter switched off (no second copy).
+
+    Not an ``nn.Module`` on purpose, so assigning it to a LightningModule attribute registers no parameters twice.
+    Implements ``hidden_states`` / ``lm_head`` / ``config``, which is all the rollout reads from a reference.
+    """
+
+    def __init__(self, policy: HFCausalLM) -> None:
+        self.policy = policy
+        self.config = policy.config
+
+    def hidden_states(self, *args: Any, **kwargs: Any) -> Tensor:
+        with self.policy.adapter_disabled():
+            return self.policy.hidden_states(*args, **kwargs)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.policy.lm_head
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        with self.policy.adapter_disabled():
+            return self.policy(*args, **kwargs)
+
+    def eval(self) -> AdapterDisabledView:
+        return self
+
+    def train(self, mode: bool = True) -> AdapterDisabledView:
+        return self
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return iter(())
+
+    def to(self, *args: Any, **kwargs: Any) -> AdapterDisabledView:
+        return self
