@@ -7,7 +7,8 @@ are small programs of their own:
 - ``pipeline``  SFT, reward model and PPO in sequence from one config (``rlhf_lightning.pipeline``);
 - ``generate``  sample replies from a stage checkpoint;
 - ``tokenizer`` train a byte-level BPE tokenizer on JSONL data;
-- ``score``     score a JSONL of conversations with a reward-model checkpoint.
+- ``score``     score a JSONL of conversations with a reward-model checkpoint;
+- ``export``    write a stage checkpoint as a Hugging Face model folder (``rlhf_lightning.export``).
 
 Nothing imports this module; it is the outermost layer.
 """
@@ -34,6 +35,8 @@ Other commands (`rlhf-lightning <command> --help`):
   tokenizer   train a tokenizer on JSONL data:   rlhf-lightning tokenizer --data a.jsonl --output tok.json
   score       score conversations with a reward model:
               rlhf-lightning score --ckpt runs/reward --input convs.jsonl --output scored.jsonl
+  export      write a Hugging Face model folder (safetensors + tokenizer):
+              rlhf-lightning export --ckpt runs/ppo --output hf_model [--merge_lora true]
 """
 
 
@@ -135,6 +138,13 @@ def score_command(args: Sequence[str]) -> None:
     score_main(args)
 
 
+def export_command(args: Sequence[str]) -> None:
+    """``rlhf-lightning export``: a stage checkpoint as a Hugging Face model folder (see rlhf_lightning.export)."""
+    from rlhf_lightning.export import main as export_main
+
+    export_main(list(args))
+
+
 def pipeline_command(args: Sequence[str]) -> None:
     """``rlhf-lightning pipeline``: SFT, reward model and PPO in sequence (see rlhf_lightning.pipeline)."""
     from rlhf_lightning.pipeline import main as pipeline_main
@@ -147,6 +157,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
     "generate": generate_command,
     "tokenizer": tokenizer_command,
     "score": score_command,
+    "export": export_command,
 }
 
 
