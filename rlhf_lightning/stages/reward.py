@@ -22,6 +22,10 @@ Choices and fixes:
 * The training accuracy is logged per step only (``reward/accuracy``); ``val/accuracy`` and ``test/accuracy`` are
   epoch-level over the whole split. Checkpoint on ``val/loss``: accuracy alone is a weak criterion (it ignores
   calibration and saturates).
+* Each validation pass logs the ``worst_pairs`` pairs the model gets most wrong (largest ``r_rejected - r_chosen``)
+  as a sample table ``samples/reward_worst_pairs`` (``stages.sample_tables``: W&B table, TensorBoard text or CSV);
+  the prompt shown is the common prefix of the two token sequences. With several ranks each rank's worst pairs are
+  its own and rank zero logs its share.
 * Score statistics are reduced as (count, sum, sum of squares) in float64 across ranks, so ranks with uneven
   validation shards still give the exact mean and the unbiased (n - 1) standard deviation of all scores. They are
   measured on the validation replies; PPO may re-measure them on reference-policy samples.
@@ -45,6 +49,7 @@ from rlhf_lightning.models.factory import ModelArgs, build_model, model_from_spe
 from rlhf_lightning.models.heads import RewardModel
 from rlhf_lightning.optim import WarmupCosineLR, bind_total_steps
 from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY, load_backbone, load_checkpoint, submodule_state
+from rlhf_lightning.stages.sample_tables import log_table
 from rlhf_lightning.stages.tokenizer_link import (
     reconcile_tokenizers,
     resolve_tokenizer,
@@ -54,6 +59,7 @@ from rlhf_lightning.stages.tokenizer_link import (
 from rlhf_lightning.types import PreferenceBatch
 
 PREFIX = "reward_model."
+WORST_PAIR_COLUMNS = ["prompt", "chosen", "rejected", "r_chosen", "r_rejected", "gap"]
 
 # LightningCLI reads ``--ckpt_path`` hyper-parameters with ``torch.load(weights_only=True)``; ``ModelArgs`` (a frozen
 # dataclass of plain values) is among them, so it must be an allowed global or ``test``/``validate`` cannot start.
@@ -70,6 +76,8 @@ class RewardModule(LightningModule):
         tokenizer_path: a ``tokenizer.json`` to use when the DataModule provides no tokenizer.
         optimizer: optimizer factory (AdamW by default).
         scheduler: learning-rate schedule factory, stepped every optimizer step.
+        worst_pairs: validation pairs with the largest ``r_rejected - r_chosen`` logged as a table at each
+            validation end (0 = none).
     """
 
     def __init__(
@@ -79,9 +87,14 @@ class RewardModule(LightningModule):
         tokenizer_path: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable = WarmupCosineLR,
+        worst_pairs: int = 8,
     ) -> None:
         super().__init__()
+        if worst_pairs < 0:
+            raise ValueError(f"worst_pairs={worst_pairs}; expected 0 (off) or a positive count")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.worst_pairs = worst_pairs
+        self._worst: list[tuple[float, float, float, list[int], list[int]]] = []
         self.init_from = init_from
         self.model_args = model
         self.tokenizer_path = tokenizer_path
@@ -167,6 +180,43 @@ class RewardModule(LightningModule):
         self._update_accuracy(self.val_accuracy, scores)
         self._log_scores("val", stats, len(batch))
         self._val_scores.append(scores.detach().double())
+        if self.worst_pairs and not self.trainer.sanity_checking:
+            self._keep_worst(batch, scores.detach().float())
+
+    def _keep_worst(self, batch: PreferenceBatch, scores: torch.Tensor) -> None:
+        """Keep the token ids of the ``worst_pairs`` pairs with the largest ``r_rejected - r_chosen`` so far."""
+        chosen, rejected = scores.chunk(2)
+        gaps = rejected - chosen
+        B = len(batch)
+        floor = self._worst[-1][0] if len(self._worst) >= self.worst_pairs else float("-inf")
+        for i in torch.topk(gaps, min(self.worst_pairs, B)).indices.tolist():
+            if float(gaps[i]) <= floor:
+                break
+            ids = [
+                row[mask].tolist()
+                for row, mask in ((batch.input_ids[j], batch.attention_mask[j]) for j in (i, B + i))
+            ]
+            self._worst.append((float(gaps[i]), float(chosen[i]), float(rejected[i]), ids[0], ids[1]))
+        self._worst = sorted(self._worst, key=lambda w: -w[0])[: self.worst_pairs]
+
+    def _log_worst_pairs(self) -> None:
+        """Log the kept pairs as the ``samples/reward_worst_pairs`` table (prompt = common token prefix)."""
+        worst, self._worst = self._worst, []
+        if not worst or self.tokenizer is None:
+            return
+        rows = []
+        for gap, r_chosen, r_rejected, chosen_ids, rejected_ids in worst:
+            cut = 0
+            while cut < min(len(chosen_ids), len(rejected_ids)) and chosen_ids[cut] == rejected_ids[cut]:
+                cut += 1
+            header = getattr(self.tokenizer, "role_ids", {}).get("assistant")
+            # replies start after the last assistant header, even when both start with the same word
+            if header in chosen_ids[:cut]:
+                cut = cut - chosen_ids[:cut][::-1].index(header)
+            prompt = self.tokenizer.decode(chosen_ids[:cut], skip_special_tokens=False)  # role tokens kept
+            replies = [self.tokenizer.decode(ids[cut:]) for ids in (chosen_ids, rejected_ids)]
+            rows.append([prompt[-500:], *replies, r_chosen, r_rejected, gap])
+        log_table(self, "samples/reward_worst_pairs", WORST_PAIR_COLUMNS, rows)
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)
@@ -177,6 +227,7 @@ class RewardModule(LightningModule):
         self._val_scores.clear()
         if self.trainer.sanity_checking:
             return
+        self._log_worst_pairs()
         moments = torch.stack([scores.new_tensor(float(scores.numel())), scores.sum(), scores.square().sum()])
         n, total, squares = self.all_gather(moments).reshape(-1, 3).sum(0)
         if n < 1:
