@@ -7,10 +7,18 @@ LightningCLI as ``rlhf-lightning fit``, the :class:`RLHFConfig` fields are writt
 Run folder (``save_dir``)::
 
     tokenizer.json
-    sft/      config.yaml  checkpoints/  logs/  done.json
+    sft/      config.yaml  checkpoints/  logs/ (metrics.csv, hparams.yaml, samples_*.csv)  wandb/  done.json
     reward/   ...
     ppo/      ...
+    plots/    sft.png  reward.png  ppo.png
     summary.json
+
+Watching a run: every stage logs to a CSV record (``<stage>/logs/metrics.csv``, read by the plots written to
+``plots/`` after each stage) and to the logger ``RLHFConfig.logger`` names: ``wandb`` (default; offline without an
+API key or network, see ``rlhf_lightning.loggers``; the three stages form one W&B group named after the run folder,
+each run's job type is its stage), ``tensorboard`` (``<stage>/tensorboard``) or ``csv`` (the CSV record only). The
+stage config and the pipeline config are logged as hyper-parameters. The stage YAMLs' own ``trainer.logger`` is
+replaced.
 
 A stage with ``done.json`` is skipped on a rerun; a stage with checkpoints but no ``done.json`` was interrupted and
 resumes from its ``last.ckpt``. Every stage's config and data are checked before the first stage trains.
@@ -32,6 +40,11 @@ from unittest import mock
 import yaml
 
 STAGES = ("sft", "reward", "ppo")
+LOGGER_CHOICES = (
+    "wandb",
+    "tensorboard",
+    "csv",
+)  # = rlhf_lightning.loggers.LOGGER_CHOICES (kept import-free here)
 
 
 @dataclass
@@ -53,6 +66,8 @@ class RLHFConfig:
         save_dir: run folder: one sub-folder per stage, the tokenizer and summary.json.
         save_interval: PPO iterations between checkpoints.
         model_preset: size preset of the built-in model (tiny, small, medium, large); None keeps the stage configs'.
+        logger: where stages log besides their CSV record: ``wandb`` (offline without a key or network),
+            ``tensorboard`` or ``csv`` (the CSV record only).
         stage_configs: YAML file (or inline dict) per stage: ``sft``, ``reward``, ``ppo``.
     """
 
@@ -70,6 +85,7 @@ class RLHFConfig:
     save_dir: str = "runs/pipeline"
     save_interval: int | None = None
     model_preset: str | None = None
+    logger: str = "wandb"
     stage_configs: dict[str, Any] = field(
         default_factory=lambda: {
             "sft": "configs/sft.yaml",
@@ -81,6 +97,8 @@ class RLHFConfig:
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda", "gpu", "mps"):
             raise ValueError(f"device={self.device!r}; expected 'auto', 'cpu', 'cuda', 'gpu' or 'mps'")
+        if self.logger not in LOGGER_CHOICES:
+            raise ValueError(f"logger={self.logger!r}; expected one of {LOGGER_CHOICES}")
         for name in ("sft_epochs", "reward_epochs", "ppo_iterations", "ppo_batch_size", "save_interval"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -163,14 +181,7 @@ class RLHFPipeline:
             config["data"] = copy.deepcopy(self.datamodules[stage])
         _set(config, "trainer.accelerator", "gpu" if c.device == "cuda" else c.device)
         _set(config, "trainer.default_root_dir", str(folder))
-        _set(
-            config,
-            "trainer.logger",
-            {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(folder), "name": "logs", "version": ""},
-            },
-        )
+        _set(config, "trainer.logger", _stage_loggers(c.logger, folder, stage, self.root.resolve().name))
         for callback in _callbacks(config, "ModelCheckpoint"):
             callback.setdefault("init_args", {})["dirpath"] = str(folder / "checkpoints")
         data_args = config.setdefault("data", {}).setdefault("init_args", {})
@@ -285,8 +296,31 @@ class RLHFPipeline:
         last = folder / "checkpoints" / "last.ckpt"
         resume = str(last) if last.is_file() else None
         print(f"[pipeline] {stage}: {'resuming from ' + resume if resume else 'starting'}")
+        # copied before parsing, which edits the dict in place
+        logged = {"stage_config": copy.deepcopy(config), "pipeline": asdict(self.config)}
         cli = self._cli(config)
         trainer, model, data = cli.trainer, cli.model, cli.datamodule
+        for logger in trainer.loggers:  # the whole stage config, not only the module's hyper-parameters
+            logger.log_hyperparams(logged)
+        try:
+            outcome = self._train(stage, folder, trainer, model, data, resume)
+        finally:
+            from rlhf_lightning.loggers import finish_wandb
+
+            finish_wandb(trainer.loggers)  # the next stage starts its own W&B run
+            self._plot()
+        return outcome
+
+    def _plot(self) -> None:
+        """Write ``plots/<stage>.png`` for every stage with metrics; a plotting failure never fails the run."""
+        try:
+            from rlhf_lightning.plots import save_run_plots
+
+            save_run_plots(self.root)
+        except Exception as err:  # plots are a convenience: report and carry on
+            print(f"[pipeline] warning: could not write plots: {err!r}")
+
+    def _train(self, stage: str, folder: Path, trainer, model, data, resume: str | None) -> dict[str, Any]:
         started = time.perf_counter()
         results: dict[str, Any] = {}
         if stage == "ppo":
@@ -317,6 +351,12 @@ class RLHFPipeline:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
         tmp.replace(path)
+
+
+def _stage_loggers(backend: str, folder: Path, stage: str, group: str) -> list[dict[str, Any]]:
+    from rlhf_lightning.loggers import stage_loggers
+
+    return stage_loggers(backend, folder, stage, group)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
