@@ -297,6 +297,7 @@ def test_cli_fit_then_test_reports_accuracy(
         str(tok_path),
     ]
     common = ["--config", "configs/reward_tiny.yaml", *data, "--trainer.enable_progress_bar", "false"]
+    common += ["--model.init_args.init_from", "null"]  # random weights: no SFT run needed
     run_stage_cli(
         [
             "fit",

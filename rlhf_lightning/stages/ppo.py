@@ -33,6 +33,7 @@ Lightning mechanism counts iterations.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,11 @@ from rlhf_lightning.stages.rollout import make_rollout, policy_logits, response_
 from rlhf_lightning.stages.sample_tables import log_table
 from rlhf_lightning.stages.tokenizer_link import resolve_tokenizer, tokenizer_payload
 from rlhf_lightning.types import PromptBatch, Rollout
+
+# Expected in this stage, so not worth a warning on every run: checkpoints hold the state AFTER each iteration's
+# updates (what resume needs), and the frozen reference and reward model stay in eval mode on purpose.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 @dataclass(frozen=True)
@@ -202,7 +208,7 @@ class PPOModule(LightningModule):
         )
         self.policy, self.reference, self.tokenizer = nets.policy, nets.reference, nets.tokenizer
         self.reward_model, self.value_model = nets.reward_model, nets.value_model
-        self.scorer = SequenceScorer(self.rewards, self.reward_model)
+        self.scorer = SequenceScorer(self.rewards, self.reward_model, reward_tokenizer=nets.reward_tokenizer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[PAYLOAD_KEY] = {
