@@ -17,11 +17,12 @@ What is written:
   in ``<output>/adapter`` (peft format, ``base_model_name_or_path`` pointing at ``<output>``).
 * **Reward models** -> ``*ForSequenceClassification`` with one label (``score`` = the scalar head's weight), the pad
   id in the config so transformers reads the score at the last non-pad token, as ``RewardModel`` does. The
-  classification head has no bias while ``ScalarHead`` has one: the Bradley-Terry loss depends on score differences
-  only, so the bias gets zero gradient and stays at its initial 0; a non-zero bias (e.g. from a user's own training)
-  is refused unless ``allow_bias_drop`` (the exported scores are then shifted by that constant, which changes no
-  comparison). A reward model's LoRA is always merged. The score statistics go into the config as
-  ``rlhf_score_mean`` / ``rlhf_score_std``.
+  classification head has no bias while ``ScalarHead`` has one. The Bradley-Terry loss depends on score differences
+  only, so the bias gets zero gradient in exact arithmetic, but Adam turns float rounding noise in that gradient
+  into steps of about the learning rate, so a trained bias is small but not 0. It is dropped: exported scores are
+  the raw scores minus the bias (a constant shift, which changes no comparison), the dropped value is kept in the
+  config as ``rlhf_score_bias``, and the stored normalisation mean is shifted by it (``rlhf_score_mean`` /
+  ``rlhf_score_std``), so normalised scores are unchanged. A reward model's LoRA is always merged.
 
 The folder is written to a temporary sibling and renamed into place, so a failed export leaves no half folder.
 """
@@ -146,15 +147,6 @@ def chat_tokenizer_to_hf(tokenizer: Any):
 
 
 # ---------------------------------------------------------------------------------------------- the command
-def _score_bias(reward: RewardModel, allow_bias_drop: bool) -> None:
-    bias = float(reward.head.linear.bias.detach().abs().max())
-    if bias > 1e-6 and not allow_bias_drop:
-        raise ExportError(
-            f"the reward head has a bias of {float(reward.head.linear.bias):.3g}, which a sequence-classification "
-            "head cannot hold; export with allow_bias_drop=True to drop it (scores shift by a constant)"
-        )
-
-
 def _export_builtin(backbone: nn.Module, reward: RewardModel | None, tokenizer: Any, out: Path) -> None:
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -215,7 +207,6 @@ def export_checkpoint(
     output: str | Path,
     merge_lora: bool = True,
     overwrite: bool = False,
-    allow_bias_drop: bool = False,
 ) -> Path:
     """Write the model of stage checkpoint ``ckpt`` (file or stage folder) as a Hugging Face folder ``output``."""
     output = Path(output)
@@ -230,7 +221,6 @@ def export_checkpoint(
     if payload["stage"] == "reward":
         reward = RewardModel(model_from_spec(spec))
         reward.load_state_dict(submodule_state(state, payload["reward_prefix"]))
-        _score_bias(reward, allow_bias_drop)
         backbone = reward.backbone
     else:
         backbone = model_from_spec(spec)
@@ -249,7 +239,12 @@ def export_checkpoint(
         if reward is not None:
             config_file = tmp / "config.json"
             config = json.loads(config_file.read_text())
-            config.update(rlhf_score_mean=float(reward.score_mean), rlhf_score_std=float(reward.score_std))
+            bias = float(reward.head.linear.bias)
+            config.update(
+                rlhf_score_bias=bias,
+                rlhf_score_mean=float(reward.score_mean) - bias,
+                rlhf_score_std=float(reward.score_std),
+            )
             config_file.write_text(json.dumps(config, indent=2))
         if (tmp / "adapter").is_dir():
             config_file = tmp / "adapter" / "adapter_config.json"
@@ -278,9 +273,6 @@ def main(args: list[str]) -> None:
     parser.add_argument("--output", required=True, help="folder to write (config, safetensors, tokenizer)")
     parser.add_argument("--merge_lora", type=bool, default=True, help="merge a LoRA adapter into the weights")
     parser.add_argument("--overwrite", type=bool, default=False, help="replace a non-empty output folder")
-    parser.add_argument(
-        "--allow_bias_drop", type=bool, default=False, help="export a reward head with a non-zero bias"
-    )
     cfg = parser.parse_args(list(args))
-    out = export_checkpoint(cfg.ckpt, cfg.output, cfg.merge_lora, cfg.overwrite, cfg.allow_bias_drop)
+    out = export_checkpoint(cfg.ckpt, cfg.output, cfg.merge_lora, cfg.overwrite)
     print(f"wrote {out}")

@@ -98,14 +98,21 @@ def test_builtin_reward_model_exports_as_sequence_classifier(tmp_path, tiny_toke
         torch.testing.assert_close(model(input_ids=ids).logits[:, 0], reward(ids, mask), atol=1e-4, rtol=1e-4)
     assert json.loads((out / "config.json").read_text())["rlhf_score_std"] == pytest.approx(2.0)
 
+    # a trained head's (small) bias is dropped: scores shift by it, normalised scores stay the same
     with torch.no_grad():
         reward.head.linear.bias.fill_(0.3)
     ckpt = _save_stage(
         tmp_path / "rm2.ckpt", "reward", "reward_model.", reward, reward.backbone, tiny_tokenizer
     )
-    with pytest.raises(ExportError, match="bias"):
-        export_checkpoint(ckpt, tmp_path / "hf_rm2")
-    export_checkpoint(ckpt, tmp_path / "hf_rm2", allow_bias_drop=True)
+    out = export_checkpoint(ckpt, tmp_path / "hf_rm2")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
+    config = json.loads((out / "config.json").read_text())
+    with torch.no_grad():
+        exported = model(input_ids=ids).logits[:, 0]
+        torch.testing.assert_close(exported, reward(ids, mask) - 0.3, atol=1e-4, rtol=1e-4)
+        normalised = (exported - config["rlhf_score_mean"]) / config["rlhf_score_std"]
+        torch.testing.assert_close(normalised, reward.normalize(reward(ids, mask)), atol=1e-4, rtol=1e-4)
+    assert config["rlhf_score_bias"] == pytest.approx(0.3)
 
 
 @pytest.fixture(scope="module")

@@ -271,6 +271,11 @@ def _grow_vocab(model: PreTrainedModel, vocab_size: int | None) -> None:
     current = model.get_input_embeddings().weight.shape[0]
     if vocab_size > current:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
+        # deterministic new rows (the mean of the old ones), so two loads of the same folder are the same model
+        with torch.no_grad():
+            for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if module is not None and module.weight.shape[0] == vocab_size:
+                    module.weight[current:] = module.weight[:current].mean(0, keepdim=True)
 
 
 class AdapterDisabledView:
