@@ -1,7 +1,11 @@
 """The networks of the PPO stage, loaded from stage checkpoints with dropout switched off.
 
-- policy and reference: the same SFT (or PPO) checkpoint; the reference is frozen,
-- reward model: a reward checkpoint (frozen, with its stored score mean/std for normalisation),
+- policy and reference: the same SFT (or PPO) checkpoint; the reference is frozen. A LoRA policy (Hugging Face
+  backbone with a peft adapter) has no second copy: its reference is the policy with the adapter disabled
+  (``models.hf.AdapterDisabledView``), whose outputs are exactly the base model's,
+- reward model: a reward checkpoint (frozen, with its stored score mean/std for normalisation). It may use another
+  tokenizer than the policy (e.g. a Hugging Face reward model): then ``reward_tokenizer`` is set and the scorer
+  re-renders each decoded response with the reward model's template before scoring (``stages/rewards.py``),
 - critic: its own copy of ``value_from``'s backbone (the reward model by default) and, when that is a reward
   checkpoint, a value head initialised from the reward head (same scale, separate weights); or, with
   ``share_value_trunk``, a fresh value head on the policy's trunk.
@@ -15,6 +19,7 @@ policy, reference, value and reward models"). Split out of ``stages/ppo.py`` to 
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +28,9 @@ from torch import nn
 from rlhf_lightning.models.factory import model_from_spec
 from rlhf_lightning.models.heads import RewardModel, ValueModel
 from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY, load_checkpoint, submodule_state
-from rlhf_lightning.stages.tokenizer_link import reconcile_tokenizers, tokenizer_from_payload
+from rlhf_lightning.stages.tokenizer_link import reconcile_tokenizers, same_tokenizer, tokenizer_from_payload
+
+log = logging.getLogger(__name__)
 
 
 def no_dropout_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -67,6 +74,7 @@ class PPONetworks:
     reward_model: RewardModel | None
     value_model: ValueModel
     tokenizer: Any
+    reward_tokenizer: Any = None  # set only when the reward model's tokenizer differs from the policy's
 
 
 def load_networks(
@@ -84,11 +92,18 @@ def load_networks(
     )
     policy = _backbone(payload["model_spec"])
     policy.load_state_dict(policy_state)
-    reference = freeze(_backbone(payload["model_spec"]))
-    reference.load_state_dict(policy_state)
+    if getattr(
+        policy, "is_lora", False
+    ):  # the base weights are frozen: disabling the adapter gives the reference
+        from rlhf_lightning.models.hf import AdapterDisabledView
+
+        reference = AdapterDisabledView(policy)
+    else:
+        reference = freeze(_backbone(payload["model_spec"]))
+        reference.load_state_dict(policy_state)
     tokenizer = reconcile_tokenizers(provided_tokenizer, tokenizer_from_payload(payload), policy_from)
 
-    reward_model = None
+    reward_model, reward_tokenizer = None, None
     if reward_from is not None:
         reward_ckpt = load_checkpoint(reward_from)
         reward_payload = reward_ckpt[PAYLOAD_KEY]
@@ -99,8 +114,18 @@ def load_networks(
             submodule_state(reward_ckpt["state_dict"], reward_payload["reward_prefix"])
         )
         freeze(reward_model)
-        reconcile_tokenizers(tokenizer, tokenizer_from_payload(reward_payload), reward_from)
+        stored = tokenizer_from_payload(reward_payload)
+        if stored is not None and not same_tokenizer(tokenizer, stored):
+            reward_tokenizer = (
+                stored  # scored after decoding and re-tokenising with the reward model's template
+            )
 
+    if not share_value_trunk and reward_tokenizer is not None and value_from == reward_from:
+        # the critic reads the policy's tokens: a reward model with another vocabulary cannot be its trunk
+        log.warning(
+            "the reward model uses another tokenizer than the policy: the critic starts from the policy"
+        )
+        value_from = policy_from
     if share_value_trunk:
         value_model = ValueModel(policy)
     else:
@@ -112,7 +137,7 @@ def load_networks(
         if value_payload["stage"] == "reward":  # start the value head from the reward head (same scale)
             head = submodule_state(value_ckpt["state_dict"], value_payload["reward_prefix"] + "head.")
             value_model.head.load_state_dict(head)
-    return PPONetworks(policy, reference, reward_model, value_model, tokenizer)
+    return PPONetworks(policy, reference, reward_model, value_model, tokenizer, reward_tokenizer)
 
 
 __all__ = ["PPONetworks", "disable_dropout", "freeze", "load_networks", "no_dropout_spec"]

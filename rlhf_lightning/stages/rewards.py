@@ -12,6 +12,11 @@ Shaping, in order (Huang et al. 2024, arXiv 2403.17031; Zheng et al. 2023 "PPO-m
     3. clipped to ``[-clip, clip]``,
     4. a response that ran to the length limit without EOS gets the fixed ``missing_eos_score`` instead.
 
+Different tokenizers: when the reward model was trained with another tokenizer than the policy (e.g. a Hugging Face
+reward model next to the built-in policy), ``SequenceScorer`` gets that ``reward_tokenizer`` and scores what a user
+would see: each prompt's messages plus the decoded response as an assistant turn, rendered with the reward model's
+own chat template (``render``), right-padded with its pad id. Otherwise the policy's token ids are scored directly.
+
 Reward-function specs are checked twice before training: their form in ``RewardArgs`` (config parsing) and the import,
 attribute and call signature when ``PPOModule`` is constructed (:func:`load_reward_function`).
 """
@@ -102,11 +107,14 @@ def load_reward_function(spec: str) -> RewardFunction:
 class SequenceScorer:
     """Turns finished responses into shaped scores ``(B,)`` (see the module docstring for the order of steps)."""
 
-    def __init__(self, args: RewardArgs, reward_model: torch.nn.Module | None) -> None:
+    def __init__(
+        self, args: RewardArgs, reward_model: torch.nn.Module | None, reward_tokenizer: Any = None
+    ) -> None:
         if args.model_weight != 0 and reward_model is None:
             raise ValueError("rewards.model_weight is non-zero but no reward model was given (reward_from)")
         self.args = args
         self.reward_model = reward_model
+        self.reward_tokenizer = reward_tokenizer
         self.specs = list(args.functions)
         self.functions = [load_reward_function(spec) for spec in args.functions]
         self.function_weights = list(args.function_weights or [1.0] * len(self.functions))
@@ -125,6 +133,8 @@ class SequenceScorer:
         """Weighted sum of the sources before clipping and penalties. sequences/sequence_mask (B, T) -> (B,)."""
         total = torch.zeros(sequences.shape[0], device=sequences.device)
         if self.args.model_weight != 0:
+            if self.reward_tokenizer is not None:
+                sequences, sequence_mask = self._retokenize(prompts, responses, sequences.device)
             chunk = forward_batch_size or sequences.shape[0]
             scores = torch.cat(
                 [
@@ -146,6 +156,28 @@ class SequenceScorer:
                     ) from err
             total += weight * torch.tensor(values, device=total.device)
         return total
+
+    def _retokenize(
+        self, prompts: Sequence[list[dict[str, str]]], responses: Sequence[str], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Render prompt + response with the reward model's tokenizer: right-padded ids (B, T') and mask (B, T')."""
+        tok = self.reward_tokenizer
+        rows = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            if not prompt:
+                raise ValueError(
+                    f"row {i}: the reward model uses another tokenizer than the policy, so the prompt messages are "
+                    "needed to re-render it; expected PromptBatch.rows with a 'prompt' entry"
+                )
+            ids, _ = tok.render([*prompt, {"role": "assistant", "content": response}])
+            rows.append(ids)
+        width = max(len(ids) for ids in rows)
+        ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = True
+        return ids.to(device), mask.to(device)
 
     def shape(
         self, raw: torch.Tensor, ended_with_eos: torch.Tensor, update_running: bool = True
