@@ -76,3 +76,13 @@ def test_value_model_shapes_and_hidden_size(backbone) -> None:
     assert ValueModel(backbone, hidden_size=64).head.linear.in_features == 64
     with pytest.raises(ValueError):
         RewardModel(torch.nn.Linear(2, 2))
+
+
+def test_reward_head_bias_is_frozen_at_zero_value_head_bias_trains() -> None:
+    from rlhf_lightning.models.gpt import create_model
+    from rlhf_lightning.models.heads import RewardModel, ValueModel
+
+    reward = RewardModel(create_model("tiny", vocab_size=64))
+    value = ValueModel(create_model("tiny", vocab_size=64))
+    assert not reward.head.linear.bias.requires_grad and float(reward.head.linear.bias) == 0.0
+    assert value.head.linear.bias.requires_grad

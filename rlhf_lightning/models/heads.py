@@ -67,6 +67,9 @@ class RewardModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = ScalarHead(_hidden_size(backbone, hidden_size))
+        # Bradley-Terry is shift-invariant: the bias gets no gradient, and Adam would turn rounding noise into
+        # lr-sized drift. Frozen at 0 it also exports cleanly as a bias-free sequence-classification head.
+        self.head.linear.bias.requires_grad_(False)
         self.register_buffer("score_mean", torch.zeros(()))
         self.register_buffer("score_std", torch.ones(()))
 
