@@ -101,8 +101,9 @@ def test_hh_transcripts_encode_like_the_derived_rows(make_dm, repo_root):
 def test_left_truncation_keeps_replies_whole(make_dm, repo_root, tiny_tokenizer, caplog):
     tok, max_length = tiny_tokenizer, 128
     pairs = load_rows(repo_root / TRAIN, parse_preference).rows
-    replies = [(tok.render(p.chosen)[0][1:], tok.render(p.rejected)[0][1:]) for p in pairs]
-    prompts = [tok.render(p.prompt)[0] for p in pairs]
+    # a reply = what it adds after the generation prompt (which ends in the assistant header): drop BOS + header
+    replies = [(tok.render(p.chosen)[0][2:], tok.render(p.rejected)[0][2:]) for p in pairs]
+    prompts = [tok.render_prompt(p.prompt) for p in pairs]
     too_long = [len(pr) + max(len(c), len(r)) > max_length for pr, (c, r) in zip(prompts, replies)]
     no_room = [2 + max(len(c), len(r)) > max_length for c, r in replies]
     dm = make_dm(max_length=max_length, val_path=None, val_fraction=0.0)
@@ -184,3 +185,42 @@ def test_errors_name_file_line_field_and_skips_count(tmp_path, tiny_tokenizer, c
         dm.setup("fit")
     assert dm.stats["skipped"] == 1 and dm.stats["train_pairs"] == 3
     assert "skipped 1 bad row(s)" in caplog.text
+
+
+class _ChatMLTokenizer:
+    """A character-level stand-in for a Hugging Face tokenizer with a ChatML template: no BOS, a default system
+    prompt, and a header per turn (the kind of template the old reply-alone rendering got wrong)."""
+
+    source = "chatml-stub"
+    eos_id = 1
+
+    def _ids(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def _block(self, m: dict) -> str:
+        return f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+
+    def render(self, messages):
+        text = self._block({"role": "system", "content": "You are helpful."}) + "".join(
+            map(self._block, messages)
+        )
+        return self._ids(text), [False] * len(text)
+
+    def render_prompt(self, messages):
+        return self.render(messages)[0] + self._ids("<|im_start|>assistant\n")
+
+
+def test_encode_pair_is_exact_for_templates_without_bos():
+    from rlhf_lightning.data.formats import PreferencePair
+    from rlhf_lightning.data.preference import encode_pair
+
+    tok = _ChatMLTokenizer()
+    prompt = [{"role": "user", "content": "hi"}]
+    pair = PreferencePair(
+        prompt, [{"role": "assistant", "content": "good"}], [{"role": "assistant", "content": "bad"}]
+    )
+    chosen, rejected, status = encode_pair(tok, pair, max_length=1000)
+    assert status == "ok"
+    # each sequence is exactly the template's rendering of the whole conversation: no dropped or doubled tokens
+    assert chosen == tok.render([*prompt, *pair.chosen])[0]
+    assert rejected == tok.render([*prompt, *pair.rejected])[0]

@@ -64,9 +64,12 @@ def encode_pair(
 
     A dropped pair comes back with empty id lists.
     """
-    prompt, _ = tok.render(pair.prompt)
-    chosen = tok.render(pair.chosen)[0][1:]  # render = <|bos|> + message blocks: drop the reply's own <|bos|>
-    rejected = tok.render(pair.rejected)[0][1:]
+    # The prompt as the model sees it before replying (ending in the assistant header), and each reply as the
+    # tokens the full conversation adds after it. Rendering whole conversations (not the reply alone) keeps this
+    # right for any chat template: with or without BOS, with default system prompts, ChatML-style headers, ...
+    prompt = tok.render_prompt(pair.prompt)
+    chosen = _reply_ids(tok, pair.prompt, pair.chosen, prompt)
+    rejected = _reply_ids(tok, pair.prompt, pair.rejected, prompt)
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= max_length:
         return prompt + chosen, prompt + rejected, "ok"
@@ -82,6 +85,17 @@ def encode_pair(
     roles = [m["role"] for m in pair.prompt]
     cut, _ = left_truncate(prompt, [False] * len(prompt), budget, roles, tok.eos_id)
     return cut + chosen, cut + rejected, "truncated"
+
+
+def _reply_ids(tok: ChatTokenizer, prompt: list, reply: list, prompt_ids: list[int]) -> list[int]:
+    """Token ids that rendering ``prompt + reply`` adds after ``prompt_ids`` (the rendered generation prompt)."""
+    full, _ = tok.render([*prompt, *reply])
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise ValueError(
+            f"{getattr(tok, 'source', 'tokenizer')}: the chat template renders a conversation whose start differs "
+            "from its generation prompt; expected a prefix-stable template (prompt + reply starts with the prompt)"
+        )
+    return full[len(prompt_ids) :]
 
 
 class PreferenceDataset(Dataset):
