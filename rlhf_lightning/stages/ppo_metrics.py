@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from rlhf_lightning.functional.kl import kl_k1, kl_k3
-from rlhf_lightning.functional.masked import masked_mean, masked_sum
+from rlhf_lightning.functional.masked import masked_mean, masked_sum, masked_var
 from rlhf_lightning.types import Rollout
 
 SAMPLE_COLUMNS = ["iteration", "prompt", "response", "score", "kl", "length"]
@@ -42,6 +42,10 @@ def iteration_metrics(
         "rollout/response_len": mask.sum(1).float().mean(),
         "rollout/eos_rate": rollout.ended_with_eos.float().mean(),
         "rollout/advantage_mean": masked_mean(rollout.advantages, mask),
+        "rollout/advantage_std": masked_var(rollout.advantages, mask).sqrt(),
+        # before whitening: returns - values = the GAE advantages themselves
+        "rollout/advantage_raw_mean": masked_mean(rollout.returns - rollout.values, mask),
+        "rollout/advantage_raw_std": masked_var(rollout.returns - rollout.values, mask).sqrt(),
         "rollout/return_mean": masked_mean(rollout.returns, mask),
         "rollout/value_mean": masked_mean(rollout.values, mask),
         "ppo/kl_beta": torch.tensor(kl_beta),
