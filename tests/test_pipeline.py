@@ -151,3 +151,20 @@ def test_killed_during_reward_stage_resumes(tmp_path):
     assert "reward: resuming from" in out
     assert (run / "sft" / "done.json").stat().st_mtime == sft_done
     assert all((run / stage / "done.json").is_file() for stage in STAGES)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("pipeline*.yaml")), ids=lambda p: p.name)
+def test_every_pipeline_config_builds_its_three_stage_configs(path, tmp_path, monkeypatch):
+    """Each shipped pipeline YAML maps onto stage configs that the stage CLI parses and instantiates (no weights)."""
+    monkeypatch.chdir(REPO)
+    config = RLHFConfig.from_yaml(path)
+    config.save_dir = str(tmp_path / "run")
+    pipe = RLHFPipeline(config)
+    for stage in STAGES:
+        stage_config = pipe.stage_config(stage, {"sft": "<sft checkpoint>", "reward": "<reward checkpoint>"})
+        cli = pipe._cli(stage_config)
+        assert (
+            type(cli.model).__name__
+            == {"sft": "SFTModule", "reward": "RewardModule", "ppo": "PPOModule"}[stage]
+        )
+        assert cli.trainer.max_epochs is not None or cli.trainer.max_steps > 0
