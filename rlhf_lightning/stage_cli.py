@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from rlhf_lightning.stages.checkpoints import AtomicCheckpointIO, CheckpointError
 
@@ -62,8 +62,22 @@ def checkpoint_dir(callback: object, trainer: object) -> Path | None:
     return Path(save_dir, str(logger.name or ""), version, "checkpoints")
 
 
+class LoggedSaveConfigCallback(SaveConfigCallback):
+    """Writes ``config.yaml`` to the log folder (as Lightning does) and also sends the whole resolved config to every
+    logger, so a W&B run (or TensorBoard's hparams) shows exactly what was run, not only the module's arguments."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config})
+
+
 class RLHFLightningCLI(LightningCLI):
     """LightningCLI with the suite's defaults (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_callback", LoggedSaveConfigCallback)
+        super().__init__(*args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

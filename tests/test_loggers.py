@@ -118,6 +118,7 @@ def test_sft_stage_logs_to_offline_wandb_and_csv(tmp_path: Path, offline_wandb, 
     finally:
         finish_wandb(cli.trainer.loggers)
     assert "model" in hparams  # the module's hyper-parameters reached W&B
+    assert "rlhf_lightning.stages.sft.SFTModule" in hparams["config"]  # and the whole resolved CLI config
     (offline,) = (run / "wandb").glob("offline-run-*")
     (run_file,) = offline.glob("run-*.wandb")  # what `wandb sync` uploads later
     assert run_file.stat().st_size > 0
