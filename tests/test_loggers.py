@@ -154,7 +154,7 @@ def test_reward_worst_pairs_table_csv_and_tensorboard(tmp_path: Path, tiny_token
                 },
             ],
         },
-        "model": {"init_args": {"worst_pairs": 3}},
+        "model": {"init_args": {"worst_pairs": 3, "init_from": None}},  # random weights: no SFT run needed
         "data": {"init_args": {"tokenizer_path": str(tok)}},
     }
     _fit(tmp_path, "reward_tiny.yaml", override)

@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from rlhf_lightning.data.base import ChatDataModule
 from rlhf_lightning.data.collate import collate_preference, collate_scoring
 from rlhf_lightning.data.formats import PreferencePair, load_rows, parse_conversation, parse_preference
 from rlhf_lightning.data.sampling import LengthBucketBatchSampler
@@ -39,7 +39,6 @@ from rlhf_lightning.data.sft import (
     left_truncate,
     load_checked,
     split_rows,
-    tokenizer_for,
     world_size_and_rank,
 )
 
@@ -180,7 +179,7 @@ def create_preference_dataloader(
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
 
 
-class PreferenceDataModule(LightningDataModule):
+class PreferenceDataModule(ChatDataModule):
     """Chosen/rejected pairs for reward-model training, as ``PreferenceBatch`` es (chosen rows first).
 
     Args:
@@ -247,21 +246,6 @@ class PreferenceDataModule(LightningDataModule):
         self.stats: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------------------ tokenizer
-    def prepare_tokenizer(self) -> ChatTokenizer:
-        """Load the tokenizer, training it on ``train_path`` first if the file does not exist."""
-        self._tokenizer = tokenizer_for(
-            self.tokenizer_path, [self.train_path], self.tokenizer_vocab_size, self._tokenizer
-        )
-        return self._tokenizer
-
-    @property
-    def tokenizer(self) -> ChatTokenizer:
-        """The chat tokenizer (loaded on first use)."""
-        return self.prepare_tokenizer()
-
-    def prepare_data(self) -> None:
-        self.prepare_tokenizer()
-
     # ---------------------------------------------------------------------------------------------- rows
     def _read_fit(self) -> tuple[list[PreferencePair], list[PreferencePair], int]:
         train, skipped = load_checked(

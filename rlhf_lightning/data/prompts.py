@@ -29,9 +29,9 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from rlhf_lightning.data.base import ChatDataModule
 from rlhf_lightning.data.collate import collate_prompts
 from rlhf_lightning.data.formats import PromptRow, parse_prompt
 from rlhf_lightning.data.sampling import EpochCyclingBatchSampler, LengthBucketBatchSampler
@@ -40,7 +40,6 @@ from rlhf_lightning.data.sft import (
     left_truncate,
     load_checked,
     split_rows,
-    tokenizer_for,
     world_size_and_rank,
 )
 
@@ -77,7 +76,7 @@ def _collate_prompt_items(items, pad_id: int, pad_to_multiple_of: int | None):
     return collate_prompts(list(ids), pad_id, list(index), list(rows), pad_to_multiple_of=pad_to_multiple_of)
 
 
-class PromptDataModule(LightningDataModule):
+class PromptDataModule(ChatDataModule):
     """Prompts for PPO rollouts, as left-padded ``PromptBatch`` es from a resumable endless stream.
 
     Args:
@@ -135,21 +134,6 @@ class PromptDataModule(LightningDataModule):
         self._train_sampler: EpochCyclingBatchSampler | None = None
 
     # ------------------------------------------------------------------------------------------ tokenizer
-    def prepare_tokenizer(self) -> ChatTokenizer:
-        """Load the tokenizer, training it on ``train_path`` first if the file does not exist."""
-        self._tokenizer = tokenizer_for(
-            self.tokenizer_path, [self.train_path], self.tokenizer_vocab_size, self._tokenizer
-        )
-        return self._tokenizer
-
-    @property
-    def tokenizer(self) -> ChatTokenizer:
-        """The chat tokenizer (loaded on first use)."""
-        return self.prepare_tokenizer()
-
-    def prepare_data(self) -> None:
-        self.prepare_tokenizer()
-
     # ---------------------------------------------------------------------------------------------- rows
     def _read(self) -> tuple[list[PromptRow], list[PromptRow], int]:
         train, skipped = load_checked(

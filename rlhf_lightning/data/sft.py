@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from rlhf_lightning.data.base import ChatDataModule
 from rlhf_lightning.data.collate import collate_sft
 from rlhf_lightning.data.formats import Conversation, load_rows, parse_conversation
 from rlhf_lightning.data.sampling import LengthBucketBatchSampler
@@ -115,27 +115,6 @@ def left_truncate(
     return ids[:1] + ids[n - keep :], mask[:1] + mask[n - keep :]
 
 
-def tokenizer_for(
-    tokenizer_path: str, data_paths: Sequence[str], vocab_size: int, cached: ChatTokenizer | None
-) -> ChatTokenizer:
-    """Load ``tokenizer_path``, or train one on ``data_paths`` and save it there (first run of a pipeline).
-
-    A folder with Hugging Face tokenizer files (a local model folder) loads that tokenizer and its chat template
-    through ``rlhf_lightning.tokenization_hf`` (imported only then: the data layer never imports transformers).
-    """
-    if cached is not None:
-        return cached
-    if Path(tokenizer_path).is_dir():
-        from rlhf_lightning.tokenization_hf import HFChatTokenizer, is_hf_tokenizer_folder
-
-        if not is_hf_tokenizer_folder(tokenizer_path):
-            raise FileNotFoundError(f"{tokenizer_path}: a folder without Hugging Face tokenizer files")
-        return HFChatTokenizer.from_pretrained(tokenizer_path)
-    from rlhf_lightning.tokenization import load_or_train_tokenizer
-
-    return load_or_train_tokenizer(tokenizer_path, list(data_paths), vocab_size=vocab_size)
-
-
 def check_loader_args(max_length: int, batch_size: int, val_fraction: float, num_workers: int) -> None:
     if max_length < 4:
         raise ValueError(f"max_length={max_length}; expected >= 4 (bos, role, one token, eos)")
@@ -184,7 +163,7 @@ class ConversationDataset(Dataset):
 # ------------------------------------------------------------------------------------------------ datamodule
 
 
-class SFTDataModule(LightningDataModule):
+class SFTDataModule(ChatDataModule):
     """Conversations for supervised fine-tuning, as right-padded ``SFTBatch`` es.
 
     Args:
@@ -243,21 +222,6 @@ class SFTDataModule(LightningDataModule):
         self.stats: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------------------ tokenizer
-    def prepare_tokenizer(self) -> ChatTokenizer:
-        """Load the tokenizer, training it on ``train_path`` first if the file does not exist."""
-        self._tokenizer = tokenizer_for(
-            self.tokenizer_path, [self.train_path], self.tokenizer_vocab_size, self._tokenizer
-        )
-        return self._tokenizer
-
-    @property
-    def tokenizer(self) -> ChatTokenizer:
-        """The chat tokenizer (loaded on first use)."""
-        return self.prepare_tokenizer()
-
-    def prepare_data(self) -> None:
-        self.prepare_tokenizer()
-
     # ---------------------------------------------------------------------------------------------- rows
     def _read(self) -> tuple[list[Conversation], list[Conversation], int]:
         train, skipped = load_checked(
