@@ -66,6 +66,7 @@ class PromptBatch(_TensorBatch):
     rows: tuple[dict[str, Any], ...] = field(
         default=()
     )  # B dicts: {"prompt": [Message], **extra fields of the row}
+    ptx: SFTBatch | None = None  # (B_ptx, T_ptx) SFT conversations for the PPO-ptx loss, or None (PPO only)
 
 
 @dataclass(frozen=True)

@@ -118,10 +118,13 @@ def collate_prompts(
     index: Sequence[int],
     rows: Sequence[dict[str, Any]] = (),
     pad_to_multiple_of: int | None = None,
+    ptx: Sequence[tuple[Sequence[int], Sequence[bool]]] | None = None,
 ) -> PromptBatch:
     """Left-pad rendered prompts into a :class:`PromptBatch` (every row ends in the same last column).
 
-    ``index`` are the dataset row indices (B,), ``rows`` the source row dicts kept for reward functions.
+    ``index`` are the dataset row indices (B,), ``rows`` the source row dicts kept for reward functions. ``ptx``
+    (PPO-ptx): ``(ids, assistant_mask)`` conversations collated by :func:`collate_sft` into ``PromptBatch.ptx``
+    (right-padded, their own length); None leaves ``ptx`` None.
     """
     if len(index) != len(ids_list) or (len(rows) and len(rows) != len(ids_list)):
         raise ValueError("ids_list, index and rows must have the same length")
@@ -131,6 +134,7 @@ def collate_prompts(
         attention_mask=attention_mask,
         index=torch.as_tensor(list(index), dtype=torch.long),
         rows=tuple(rows),
+        ptx=None if ptx is None else collate_sft(ptx, pad_id, pad_to_multiple_of=pad_to_multiple_of),
     )
 
 

@@ -20,22 +20,30 @@ Choices:
   the KL controller, so it is not tied to prompt length unless asked for.
 * Validation prompts (``val_path``, or a seeded ``val_fraction`` of the train rows) come in file order, finite.
 * Multi-device runs need ``Trainer(use_distributed_sampler=False)``: the stream shards batches by rank itself.
+* PPO-ptx (``ptx_path``): every training batch also carries ``ptx_batch_size`` SFT conversations in
+  ``PromptBatch.ptx`` (an :class:`~rlhf_lightning.types.SFTBatch`, loss on assistant tokens), rendered and truncated
+  as ``SFTDataModule`` does (left truncation to ``ptx_max_length``). They come from a second endless, seeded stream
+  over the ptx file that advances in lock-step with the prompt stream: prompt batch ``p`` always travels with ptx
+  batch ``p`` of its own cycling order, so one ``batches_consumed`` counter resumes both exactly. Bad ptx rows raise
+  at ``setup()`` with file, line and field.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rlhf_lightning.data.base import ChatDataModule
 from rlhf_lightning.data.collate import collate_prompts
 from rlhf_lightning.data.formats import PromptRow, parse_prompt
 from rlhf_lightning.data.sampling import EpochCyclingBatchSampler, LengthBucketBatchSampler
 from rlhf_lightning.data.sft import (
+    ConversationDataset,
+    SFTDataModule,
     check_loader_args,
     left_truncate,
     load_checked,
@@ -76,6 +84,44 @@ def _collate_prompt_items(items, pad_id: int, pad_to_multiple_of: int | None):
     return collate_prompts(list(ids), pad_id, list(index), list(rows), pad_to_multiple_of=pad_to_multiple_of)
 
 
+class _PromptPtxDataset(Dataset):
+    """Prompts and ptx conversations behind one index space: ``(0, i)`` is prompt ``i``, ``(1, j)`` conversation j."""
+
+    def __init__(self, prompts: PromptDataset, ptx: ConversationDataset) -> None:
+        self.parts = (prompts, ptx)
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any]:
+        part, i = key
+        return part, self.parts[part][i]
+
+
+class _PairedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Zip of the endless prompt and ptx streams: each batch is the prompt batch's keys then the ptx batch's."""
+
+    def __init__(self, prompts: EpochCyclingBatchSampler, ptx: EpochCyclingBatchSampler) -> None:
+        self.prompts, self.ptx = prompts, ptx
+
+    def resume_from(self, position: int) -> None:
+        self.prompts.resume_from(position)
+        self.ptx.resume_from(position)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for prompt_batch, ptx_batch in zip(self.prompts, self.ptx):
+            yield [(0, i) for i in prompt_batch] + [(1, j) for j in ptx_batch]
+
+
+def _collate_prompt_ptx_items(items, pad_id: int, pad_to_multiple_of: int | None):
+    prompts = [item for part, item in items if part == 0]
+    ptx = [item for part, item in items if part == 1]
+    ids, index, rows = zip(*prompts)
+    return collate_prompts(
+        list(ids), pad_id, list(index), list(rows), pad_to_multiple_of=pad_to_multiple_of, ptx=ptx
+    )
+
+
 class PromptDataModule(ChatDataModule):
     """Prompts for PPO rollouts, as left-padded ``PromptBatch`` es from a resumable endless stream.
 
@@ -92,7 +138,11 @@ class PromptDataModule(ChatDataModule):
         pad_to_multiple_of: round each batch's length up to a multiple of this (e.g. 8 on GPU); None = exact.
         skip_bad_rows: skip (and count) rows that fail validation instead of raising.
         num_workers: DataLoader worker processes.
-        seed: seed of the validation split and of the prompt order.
+        seed: seed of the validation split, of the prompt order and of the ptx order.
+        ptx_path: PPO-ptx: JSONL of SFT conversations (any row ``SFTDataModule`` accepts) streamed into
+            ``PromptBatch.ptx`` beside every training batch; None (default) = no ptx data.
+        ptx_batch_size: conversations per training batch's ``ptx``.
+        ptx_max_length: longest rendered ptx conversation in tokens (longer ones are left-truncated).
     """
 
     def __init__(
@@ -110,9 +160,13 @@ class PromptDataModule(ChatDataModule):
         skip_bad_rows: bool = False,
         num_workers: int = 0,
         seed: int = 0,
+        ptx_path: str | None = None,
+        ptx_batch_size: int = 8,
+        ptx_max_length: int = 512,
     ) -> None:
         super().__init__()
         check_loader_args(max_prompt_length, batch_size, val_fraction, num_workers)
+        check_loader_args(ptx_max_length, ptx_batch_size, 0.0, num_workers)
         self.train_path = train_path
         self.val_path = val_path
         self.val_fraction = val_fraction
@@ -126,12 +180,14 @@ class PromptDataModule(ChatDataModule):
         self.skip_bad_rows = skip_bad_rows
         self.num_workers = num_workers
         self.seed = seed
+        self.ptx_path, self.ptx_batch_size, self.ptx_max_length = ptx_path, ptx_batch_size, ptx_max_length
         self._tokenizer: ChatTokenizer | None = None
+        self.ptx_dataset: ConversationDataset | None = None
         self.train_dataset: PromptDataset | None = None
         self.val_dataset: PromptDataset | None = None
         self.stats: dict[str, int] = {}
         self.batches_consumed = 0  # training batches handed to training_step since the start of the run
-        self._train_sampler: EpochCyclingBatchSampler | None = None
+        self._train_sampler: EpochCyclingBatchSampler | _PairedBatchSampler | None = None
 
     # ------------------------------------------------------------------------------------------ tokenizer
     # ---------------------------------------------------------------------------------------------- rows
@@ -148,7 +204,24 @@ class PromptDataModule(ChatDataModule):
     def validate_inputs(self) -> dict[str, int]:
         """Parse every row of the data files (no tokenizer); raise ``DataFormatError`` naming file/line/field."""
         train, val, skipped = self._read()
-        return {"train_rows": len(train), "val_rows": len(val), "skipped": skipped}
+        counts = {"train_rows": len(train), "val_rows": len(val), "skipped": skipped}
+        if self.ptx_path is not None:
+            counts["ptx_rows"] = self._ptx_module().validate_inputs()["train_rows"]
+        return counts
+
+    def _ptx_module(self) -> SFTDataModule:
+        """The SFT data layer over ``ptx_path`` (same parsing, rendering, truncation and errors), all rows train."""
+        module = SFTDataModule(
+            train_path=self.ptx_path,
+            val_fraction=0.0,
+            tokenizer_path=self.tokenizer_path,
+            max_length=self.ptx_max_length,
+            batch_size=self.ptx_batch_size,
+            skip_bad_rows=self.skip_bad_rows,
+            seed=self.seed,
+        )
+        module._tokenizer = self._tokenizer
+        return module
 
     def _render(self, rows: list[PromptRow], counts: dict[str, int]) -> PromptDataset:
         tok = self.tokenizer
@@ -171,6 +244,12 @@ class PromptDataModule(ChatDataModule):
         counts = {"truncated": 0, "tokens": 0}
         self.train_dataset = self._render(train, counts)
         self.val_dataset = self._render(val, counts)
+        if self.ptx_path is not None:
+            ptx = self._ptx_module()
+            ptx._tokenizer = self.tokenizer
+            ptx.setup("fit")
+            self.ptx_dataset = ptx.train_dataset
+            counts["ptx_examples"] = len(self.ptx_dataset)
         self.stats = {
             "rows": len(train) + len(val),
             "skipped": skipped,
@@ -212,6 +291,25 @@ class PromptDataModule(ChatDataModule):
             rank=rank,
         )
 
+    def _ptx_sampler(self) -> LengthBucketBatchSampler:
+        assert self.ptx_dataset is not None, "call setup() first"
+        replicas, rank = world_size_and_rank(self.trainer)
+        if len(self.ptx_dataset) < self.ptx_batch_size * replicas:
+            raise ValueError(
+                f"{self.ptx_path}: {len(self.ptx_dataset)} ptx conversations cannot fill one batch of "
+                f"{self.ptx_batch_size} per device on {replicas} device(s); lower ptx_batch_size or add rows"
+            )
+        return LengthBucketBatchSampler(
+            self.ptx_dataset.lengths,
+            self.ptx_batch_size,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=True,
+            bucket_size_multiplier=1,
+            num_replicas=replicas,
+            rank=rank,
+        )
+
     def mark_consumed(self, n: int = 1) -> None:
         """Record that ``n`` more training batches were used (manual loops; the Trainer path counts itself)."""
         self.batches_consumed += n
@@ -238,6 +336,17 @@ class PromptDataModule(ChatDataModule):
                 batches_per_epoch=per_epoch,
                 train_prompts=len(self.train_dataset),
             )
+        if (
+            self.ptx_dataset is not None
+        ):  # the ptx stream moves in lock-step: its position is batches_consumed too
+            per_epoch = len(self._ptx_sampler())
+            state.update(
+                ptx_path=self.ptx_path,
+                ptx_batch_size=self.ptx_batch_size,
+                ptx_examples=len(self.ptx_dataset),
+                ptx_epoch=self.batches_consumed // per_epoch,
+                ptx_batch_in_epoch=self.batches_consumed % per_epoch,
+            )
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -246,7 +355,15 @@ class PromptDataModule(ChatDataModule):
         mine = self.state_dict()
         changed = [
             k
-            for k in ("seed", "batch_size", "shuffle", "train_prompts")
+            for k in (
+                "seed",
+                "batch_size",
+                "shuffle",
+                "train_prompts",
+                "ptx_path",
+                "ptx_batch_size",
+                "ptx_examples",
+            )
             if k in state_dict and k in mine and state_dict[k] != mine[k]
         ]
         if changed:
@@ -267,13 +384,22 @@ class PromptDataModule(ChatDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Endless stream of ``batch_size``-prompt batches, starting at ``batches_consumed``."""
-        self._train_sampler = EpochCyclingBatchSampler(
-            self._base_sampler(), start_position=self.batches_consumed
-        )
+        prompts = EpochCyclingBatchSampler(self._base_sampler(), start_position=self.batches_consumed)
+        dataset, collate = self.train_dataset, self._collate()
+        self._train_sampler = prompts
+        if self.ptx_dataset is not None:
+            ptx = EpochCyclingBatchSampler(self._ptx_sampler(), start_position=self.batches_consumed)
+            self._train_sampler = _PairedBatchSampler(prompts, ptx)
+            dataset = _PromptPtxDataset(self.train_dataset, self.ptx_dataset)
+            collate = functools.partial(
+                _collate_prompt_ptx_items,
+                pad_id=self.tokenizer.pad_id,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+            )
         return DataLoader(
-            self.train_dataset,
+            dataset,
             batch_sampler=self._train_sampler,
-            collate_fn=self._collate(),
+            collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
