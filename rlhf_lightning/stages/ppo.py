@@ -21,6 +21,11 @@ Choices: k1 is the KL penalty in the reward (k1 and k3 are logged); the score is
 a response without EOS gets a fixed score; each network's gradient norm is clipped separately (they have separate
 optimizers).
 
+PPO-ptx (``ppo.ptx_coef > 0``, off by default; Ouyang et al. 2022 eq. 2): every policy optimizer step adds
+``ptx_coef * sft_loss`` of the policy on the batch's whole ``PromptBatch.ptx`` (the DataModule's ``ptx_path``),
+reused by every minibatch of every epoch; it runs in ``micro_batch_size``-row chunks weighted by their share of its
+target tokens, so accumulation stays exact. Skipped while only the critic trains; logged as ``ppo/ptx_loss``.
+
 Layout: the networks are loaded in ``stages/ppo_models.py`` and the logged metrics built in ``stages/ppo_metrics.py``;
 this file keeps the algorithm.
 
@@ -43,7 +48,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from rlhf_lightning.functional.kl import AdaptiveKLController, FixedKLController, kl_k1
 from rlhf_lightning.functional.logprobs import entropy_from_logits, logprobs_from_logits
-from rlhf_lightning.functional.losses import ppo_policy_loss, ppo_value_loss
+from rlhf_lightning.functional.losses import ppo_policy_loss, ppo_value_loss, sft_loss
 from rlhf_lightning.functional.masked import masked_mean
 from rlhf_lightning.models.factory import model_spec
 from rlhf_lightning.models.generation import GenerationArgs
@@ -54,7 +59,7 @@ from rlhf_lightning.stages.rewards import RewardArgs, SequenceScorer, load_rewar
 from rlhf_lightning.stages.rollout import make_rollout, policy_logits, response_values
 from rlhf_lightning.stages.sample_tables import log_table
 from rlhf_lightning.stages.tokenizer_link import resolve_tokenizer, tokenizer_payload
-from rlhf_lightning.types import PromptBatch, Rollout
+from rlhf_lightning.types import PromptBatch, Rollout, SFTBatch
 
 # Expected in this stage, so not worth a warning on every run: checkpoints hold the state AFTER each iteration's
 # updates (what resume needs), and the frozen reference and reward model stay in eval mode on purpose.
@@ -84,6 +89,7 @@ class PPOArgs:
         kl_beta: (initial) KL penalty coefficient.
         kl_target: target KL per sequence for the adaptive controller; None keeps beta fixed.
         kl_horizon: horizon of the adaptive controller, in sequences.
+        ptx_coef: weight of the SFT loss on the batches' ptx data (PPO-ptx; 0 = off, the default).
     """
 
     iterations: int = 100
@@ -103,6 +109,7 @@ class PPOArgs:
     kl_beta: float = 0.05
     kl_target: float | None = None
     kl_horizon: int = 10000
+    ptx_coef: float = 0.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -123,6 +130,7 @@ class PPOArgs:
             "kl_horizon": self.kl_horizon > 0,
             "gamma": 0 <= self.gamma <= 1,
             "lam": 0 <= self.lam <= 1,
+            "ptx_coef": self.ptx_coef >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -237,10 +245,11 @@ class PPOModule(LightningModule):
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         iteration = self.global_step
+        ptx = self._ptx_batch(batch)
         rollout, timings = self._rollout(batch)  # 1. rollout
         started = time.perf_counter()
         update_policy = iteration >= self.ppo.critic_warmup_iterations
-        stats = self._update(rollout, update_policy)  # 2. PPO epochs over shuffled minibatches
+        stats = self._update(rollout, update_policy, ptx)  # 2. PPO epochs over shuffled minibatches
         train_time = time.perf_counter() - started
         self.kl_controller.update(sequence_kl(kl_k1, rollout).mean(), n_steps=len(rollout))  # 3. adapt beta
         self._log_iteration(rollout, timings, stats, train_time)  # 4. log
@@ -274,7 +283,16 @@ class PPOModule(LightningModule):
             update_running_stats=update_running_stats,
         )
 
-    def _update(self, rollout: Rollout, update_policy: bool) -> dict[str, torch.Tensor]:
+    def _ptx_batch(self, batch: PromptBatch) -> SFTBatch | None:
+        if self.ppo.ptx_coef and batch.ptx is None:
+            raise ValueError(
+                "ppo.ptx_coef > 0 but the batches carry no ptx data: set the DataModule's ptx_path"
+            )
+        return batch.ptx.to(self.device) if self.ppo.ptx_coef else None
+
+    def _update(
+        self, rollout: Rollout, update_policy: bool, ptx: SFTBatch | None = None
+    ) -> dict[str, torch.Tensor]:
         policy_opt, value_opt = self.optimizers(use_pl_optimizer=False)
         self.policy.train(), self.value_model.train()  # dropout is 0: train mode changes nothing numerically
         B = len(rollout)
@@ -296,6 +314,8 @@ class PPOModule(LightningModule):
                     self.manual_backward(loss * rollout.response_mask[part].sum() / tokens)
                     for key, value in stats.items():
                         history.setdefault(key, []).append(value)
+                if ptx is not None and update_policy:
+                    history.setdefault("ptx_loss", []).append(self._ptx_backward(ptx, micro))
                 grad_norms = self._clip_and_step(policy_opt, value_opt, update_policy)
                 for key, value in grad_norms.items():
                     history.setdefault(key, []).append(value)
@@ -330,6 +350,18 @@ class PPOModule(LightningModule):
                 loss = loss - self.ppo.entropy_coef * live_entropy
             stats = {**stats, **policy_stats, "entropy": entropy}
         return loss, stats
+
+    def _ptx_backward(self, ptx: SFTBatch, micro: int) -> torch.Tensor:
+        """Backward of ``ptx_coef * sft_loss`` on the ptx batch, equal to one full-batch backward; returns the loss."""
+        tokens = ptx.loss_mask[:, 1:].sum().clamp_min(1)
+        total = torch.zeros((), device=self.device)
+        chunks = (t.split(micro) for t in (ptx.input_ids, ptx.attention_mask, ptx.loss_mask))
+        for ids, mask, loss_mask in zip(*chunks):
+            loss, _ = sft_loss(self.policy(ids, mask), ids, loss_mask)
+            share = loss_mask[:, 1:].sum() / tokens
+            self.manual_backward(self.ppo.ptx_coef * loss * share)
+            total = total + loss.detach() * share
+        return total
 
     def _clip_and_step(self, policy_opt, value_opt, update_policy: bool) -> dict[str, torch.Tensor]:
         norms = {}
