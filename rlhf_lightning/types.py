@@ -17,13 +17,13 @@ Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content":
 
 
 class _TensorBatch:
-    """Shared helpers: move every tensor field to a device, count rows."""
+    """Shared helpers: move every tensor field (and nested batch, e.g. ``PromptBatch.ptx``) to a device, count rows."""
 
     def to(self, device: torch.device | str):
         changes = {
             f.name: getattr(self, f.name).to(device)
             for f in fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
+            if isinstance(getattr(self, f.name), (Tensor, _TensorBatch))
         }
         return replace(self, **changes)
 

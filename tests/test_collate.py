@@ -99,3 +99,23 @@ def test_pad_to_multiple_of_rounds_up_with_false_masks():
 def test_empty_batch_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         collate_sft([], pad_id=PAD)
+
+
+def test_batch_to_moves_nested_batches():
+    import torch
+
+    from rlhf_lightning.types import PromptBatch, SFTBatch
+
+    ptx = SFTBatch(
+        torch.ones(1, 2, dtype=torch.long),
+        torch.ones(1, 2, dtype=torch.bool),
+        torch.ones(1, 2, dtype=torch.bool),
+    )
+    batch = PromptBatch(
+        torch.ones(1, 3, dtype=torch.long),
+        torch.ones(1, 3, dtype=torch.bool),
+        torch.zeros(1, dtype=torch.long),
+        ptx=ptx,
+    )
+    moved = batch.to("meta")
+    assert moved.input_ids.device.type == "meta" and moved.ptx.input_ids.device.type == "meta"
