@@ -27,8 +27,9 @@ from typing import Any, TextIO
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from rlhf_lightning.models.generation import GenerationArgs, generate
+from rlhf_lightning.models.generation import GenerationArgs
 from rlhf_lightning.stages.sample_tables import log_table
+from rlhf_lightning.stages.sampling import replies_for_ids
 
 PHASES = ("generation", "scoring", "update")
 
@@ -230,33 +231,11 @@ class SFTSamples(Callback):
         if isinstance(max_seq_len, int):  # keep the oldest turns out rather than overrun the model
             keep = max(1, max_seq_len - self.generation.max_new_tokens)
             pairs = [(ids[-keep:], reference) for ids, reference in pairs]
-        width = max(len(ids) for ids, _ in pairs)
-        input_ids = torch.full((len(pairs), width), tokenizer.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(pairs), width), dtype=torch.bool)
-        for row, (ids, _) in enumerate(pairs):  # left padding, mask from lengths
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = True
-        device = pl_module.device
-        generator = torch.Generator(device=device).manual_seed(self.seed)
-        was_training = model.training
-        model.eval()
-        try:
-            out = generate(
-                model,
-                input_ids.to(device),
-                attention_mask.to(device),
-                self.generation,
-                eos_token_id=tokenizer.eos_id,
-                pad_token_id=tokenizer.pad_id,
-                generator=generator,
-            )
-        finally:
-            model.train(was_training)
+        replies = replies_for_ids(
+            model, tokenizer, [ids for ids, _ in pairs], self.generation, seed=self.seed
+        )
         rows = []
-        for (ids, reference), response, mask in zip(
-            pairs, out.response_ids.tolist(), out.response_mask.tolist()
-        ):
-            sample = tokenizer.decode([t for t, m in zip(response, mask) if m and t != tokenizer.eos_id])
+        for (ids, reference), sample in zip(pairs, replies):
             prompt = tokenizer.decode(ids, skip_special_tokens=False)  # role tokens kept: who said what
             rows.append([prompt[-500:], reference, sample])
         log_table(pl_module, self.key, list(self.COLUMNS), rows)

@@ -10,26 +10,27 @@ from rlhf_lightning.models.generation import GenerationArgs, generate
 from rlhf_lightning.types import Message
 
 
-def sample_replies(
+def replies_for_ids(
     model: torch.nn.Module,
     tokenizer,
-    prompts: Sequence[list[Message]],
+    rendered: Sequence[list[int]],
     args: GenerationArgs,
     *,
     seed: int | None = None,
 ) -> list[str]:
-    """One reply per conversation in ``prompts``, decoded up to (not including) the first EOS."""
+    """One reply per rendered prompt (ids ending in the assistant header), decoded up to the first EOS.
+
+    Prompts are left-padded with masks built from their lengths; the model runs in eval mode (dropout off) and is
+    put back in the mode it was in.
+    """
     device = next(model.parameters()).device
-    rendered = [tokenizer.render_prompt(list(messages)) for messages in prompts]
     width = max(len(ids) for ids in rendered)
     input_ids = torch.full((len(rendered), width), tokenizer.pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rendered), width), dtype=torch.bool)
     for row, ids in enumerate(rendered):  # left padding, masks from lengths
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = True
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
@@ -44,8 +45,20 @@ def sample_replies(
         )
     finally:
         model.train(was_training)
-    replies = []
-    for ids, mask in zip(out.response_ids.tolist(), out.response_mask.tolist()):
-        kept = [t for t, m in zip(ids, mask) if m and t != tokenizer.eos_id]
-        replies.append(tokenizer.decode(kept))
-    return replies
+    return [
+        tokenizer.decode([t for t, keep in zip(ids, mask) if keep and t != tokenizer.eos_id])
+        for ids, mask in zip(out.response_ids.tolist(), out.response_mask.tolist())
+    ]
+
+
+def sample_replies(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[list[Message]],
+    args: GenerationArgs,
+    *,
+    seed: int | None = None,
+) -> list[str]:
+    """One reply per conversation in ``prompts``, decoded up to (not including) the first EOS."""
+    rendered = [tokenizer.render_prompt(list(messages)) for messages in prompts]
+    return replies_for_ids(model, tokenizer, rendered, args, seed=seed)
