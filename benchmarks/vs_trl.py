@@ -43,7 +43,8 @@ What is equal between the two sides:
 What differs (each framework's defaults, kept because they are what a user gets):
 
 * batching: ours buckets examples of similar length (``bucket_by_length=True``); TRL samples randomly and pads each
-  batch to its longest row. ``--trl-group-by-length`` switches TRL to transformers' ``LengthGroupedSampler``. Each
+  batch to its longest row. ``--trl-group-by-length`` switches TRL's SFT to transformers' ``LengthGroupedSampler`` (the reward
+  trainer's pair rows have no ``input_ids`` for it to measure, so it stays random there). Each
   side's padding fraction is reported; throughput counts only non-padding tokens, so padding costs time, not credit;
 * the SFT loss: ours computes the full logits and a masked cross-entropy; TRL 1.x computes the log-probabilities with
   its chunked "fused LM head" and also the per-step entropy and token accuracy for its logs;
@@ -307,7 +308,7 @@ def ours_reward(args: argparse.Namespace, folder: Path, root: str) -> dict[str, 
 # ----------------------------------------------------------------------------------------------------- TRL side
 
 
-def _trl_common(args: argparse.Namespace, out: str) -> dict[str, Any]:
+def _trl_common(args: argparse.Namespace, out: str, group_by_length: bool = False) -> dict[str, Any]:
     return dict(
         output_dir=out,
         use_cpu=True,
@@ -327,7 +328,7 @@ def _trl_common(args: argparse.Namespace, out: str) -> dict[str, Any]:
         report_to="none",
         disable_tqdm=True,
         seed=args.seed,
-        train_sampling_strategy="group_by_length" if args.trl_group_by_length else "random",
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
         max_length=args.max_length,
     )
 
@@ -341,7 +342,9 @@ def trl_sft(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     dataset = Dataset.from_list([{"messages": r["messages"]} for r in _rows(DATA / "sft_train.jsonl")])
-    config = SFTConfig(**_trl_common(args, str(Path(root) / "trl_sft")), assistant_only_loss=True)
+    config = SFTConfig(
+        **_trl_common(args, str(Path(root) / "trl_sft"), args.trl_group_by_length), assistant_only_loss=True
+    )
     window = _Window(args.warmup)
     trainer = SFTTrainer(
         model=model,
@@ -401,7 +404,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs per side, alternating which goes first")
     parser.add_argument("--only", choices=["sft", "reward"], default=None, help="run one comparison")
     parser.add_argument(
-        "--trl-group-by-length", action="store_true", help="TRL batches by length too (LengthGroupedSampler)"
+        "--trl-group-by-length",
+        action="store_true",
+        help="TRL's SFT batches by length too (LengthGroupedSampler)",
     )
     args = parser.parse_args()
     if args.warmup < 1:
@@ -445,7 +450,7 @@ def main() -> None:
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
         "rounds": args.rounds,
-        "trl_sampling": "group_by_length" if args.trl_group_by_length else "random",
+        "trl_sft_sampling": "group_by_length" if args.trl_group_by_length else "random",
     }
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_llama_folder(Path(tmp) / "llama", args)
