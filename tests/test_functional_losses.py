@@ -219,3 +219,23 @@ def test_package_reexports_and_stays_pure():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_token_nll_loss_on_selected_positions_equals_sft_loss() -> None:
+    """Selecting the counted positions before the vocabulary projection gives sft_loss exactly (value and grad)."""
+    from rlhf_lightning.functional.losses import sft_loss, token_nll_loss
+
+    torch.manual_seed(0)
+    B, T, D, V = 3, 7, 5, 11
+    hidden = torch.randn(B, T, D, requires_grad=True)
+    head = torch.nn.Linear(D, V, bias=False)
+    ids = torch.randint(0, V, (B, T))
+    mask = torch.rand(B, T) > 0.4
+    full, _ = sft_loss(head(hidden), ids, mask)
+    (g_full,) = torch.autograd.grad(full, hidden)
+    selected, stats = token_nll_loss(head(hidden[:, :-1][mask[:, 1:]]), ids[:, 1:][mask[:, 1:]])
+    (g_sel,) = torch.autograd.grad(selected, hidden)
+    assert torch.allclose(full, selected, atol=1e-6) and torch.allclose(g_full, g_sel, atol=1e-6)
+    assert stats["tokens"] == mask[:, 1:].sum()
+    empty, _ = token_nll_loss(torch.zeros(0, V, requires_grad=True), torch.zeros(0, dtype=torch.long))
+    assert empty.item() == 0.0 and empty.requires_grad

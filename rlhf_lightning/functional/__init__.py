@@ -22,6 +22,7 @@ from .losses import (
     ppo_policy_loss,
     ppo_value_loss,
     sft_loss,
+    token_nll_loss,
 )
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
 
@@ -52,5 +53,6 @@ __all__ = [
     "rloo_advantages",
     "sequence_lengths_to_mask",
     "sft_loss",
+    "token_nll_loss",
     "truncate_after_eos",
 ]

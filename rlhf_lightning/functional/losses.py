@@ -54,6 +54,26 @@ def sft_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> tuple[Tens
     return loss, _detached(loss=loss, tokens=target_mask.sum().to(logp.dtype))
 
 
+def token_nll_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, Stats]:
+    """Mean negative log-likelihood of already-selected target tokens: the SFT loss without padding work.
+
+    Shapes: ``logits`` (N, V) for the N positions whose next token counts (e.g. hidden states gathered where the SFT
+    ``loss_mask`` is True at the target, then projected by the LM head), ``targets`` (N,). Equals :func:`sft_loss` on
+    the full (B, T, V) logits, while the vocabulary projection and log-softmax run only over counted positions.
+    Returns the loss (0 with a zero gradient when N == 0) and stats ``{"loss", "tokens"}``.
+    Source: as :func:`sft_loss`; selecting positions before the LM head follows the "don't compute on padding" habit.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"expected logits (N, V) and targets (N,); got {tuple(logits.shape)}, {tuple(targets.shape)}"
+        )
+    if targets.numel() == 0:
+        loss = logits.sum() * 0.0
+    else:
+        loss = -logprobs_from_logits(logits[None], targets[None]).mean()
+    return loss, _detached(loss=loss, tokens=torch.tensor(float(targets.numel()), device=logits.device))
+
+
 def pairwise_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | None = None) -> tuple[Tensor, Stats]:
     """Bradley-Terry reward-model loss ``mean(-log sigmoid(chosen - rejected - margin))``.
 
