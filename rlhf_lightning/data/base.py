@@ -7,11 +7,12 @@ there; a folder of Hugging Face tokenizer files loads that tokenizer and its cha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import LightningDataModule
+from torch.utils.data import Dataset
 
 if TYPE_CHECKING:
     from rlhf_lightning.tokenization import ChatTokenizer
@@ -36,6 +37,32 @@ def tokenizer_for(
     from rlhf_lightning.tokenization import load_or_train_tokenizer
 
     return load_or_train_tokenizer(tokenizer_path, list(data_paths), vocab_size=vocab_size)
+
+
+class RenderedRows(Dataset):
+    """Rendered token ids with the source rows they came from: item ``i`` is ``(ids, i, row)``."""
+
+    def __init__(self, ids: Sequence[list[int]], rows: Sequence[dict[str, Any]]) -> None:
+        if len(ids) != len(rows):
+            raise ValueError(f"{len(ids)} id lists but {len(rows)} rows")
+        self.ids = list(ids)
+        self.rows = list(rows)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.ids]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[list[int], int, dict[str, Any]]:
+        return self.ids[i], i, self.rows[i]
+
+
+def collate_rendered_rows(items, *, collate: Callable, pad_id: int, pad_to_multiple_of: int | None):
+    """Collate ``RenderedRows`` items with ``collate(ids_list, pad_id, index, rows, pad_to_multiple_of=...)``."""
+    ids, index, rows = zip(*items)
+    return collate(list(ids), pad_id, list(index), list(rows), pad_to_multiple_of=pad_to_multiple_of)
 
 
 class ChatDataModule(LightningDataModule):

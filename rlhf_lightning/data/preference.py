@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader, Dataset
 
-from rlhf_lightning.data.base import ChatDataModule
+from rlhf_lightning.data.base import ChatDataModule, RenderedRows, collate_rendered_rows
 from rlhf_lightning.data.collate import collate_preference, collate_scoring
 from rlhf_lightning.data.formats import PreferencePair, load_rows, parse_conversation, parse_preference
 from rlhf_lightning.data.sampling import LengthBucketBatchSampler
@@ -118,23 +118,8 @@ class PreferenceDataset(Dataset):
         return self.items[i]
 
 
-class ScoringDataset(Dataset):
-    """Conversations to score: item ``i`` is ``(ids, index, row)``."""
-
-    def __init__(self, ids: Sequence[list[int]], rows: Sequence[dict[str, Any]]) -> None:
-        self.ids = list(ids)
-        self.rows = list(rows)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> tuple[list[int], int, dict[str, Any]]:
-        return self.ids[i], i, self.rows[i]
-
-
-def _collate_scoring_items(items, pad_id: int, pad_to_multiple_of: int | None):
-    ids, index, rows = zip(*items)
-    return collate_scoring(list(ids), pad_id, list(index), list(rows), pad_to_multiple_of=pad_to_multiple_of)
+class ScoringDataset(RenderedRows):
+    """Conversations to score: item ``i`` is ``(ids, i, row)`` with ``row = {"messages": [msgs]}``."""
 
 
 def encode_pairs(
@@ -392,7 +377,10 @@ class PreferenceDataModule(ChatDataModule):
     def predict_dataloader(self) -> DataLoader:
         self._setup_predict()
         collate = functools.partial(
-            _collate_scoring_items, pad_id=self.tokenizer.pad_id, pad_to_multiple_of=self.pad_to_multiple_of
+            collate_rendered_rows,
+            collate=collate_scoring,
+            pad_id=self.tokenizer.pad_id,
+            pad_to_multiple_of=self.pad_to_multiple_of,
         )
         return DataLoader(
             self.predict_dataset,

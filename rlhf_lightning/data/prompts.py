@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rlhf_lightning.data.base import ChatDataModule
+from rlhf_lightning.data.base import ChatDataModule, RenderedRows, collate_rendered_rows
 from rlhf_lightning.data.collate import collate_prompts
 from rlhf_lightning.data.formats import PromptRow, parse_prompt
 from rlhf_lightning.data.sampling import EpochCyclingBatchSampler, LengthBucketBatchSampler
@@ -59,29 +59,8 @@ __all__ = ["PromptDataModule", "PromptDataset"]
 log = logging.getLogger(__name__)
 
 
-class PromptDataset(Dataset):
+class PromptDataset(RenderedRows):
     """Rendered prompts: item ``i`` is ``(ids, i, row)`` with ``row = {"prompt": [msgs], **extra}``."""
-
-    def __init__(self, ids: Sequence[list[int]], rows: Sequence[dict[str, Any]]) -> None:
-        if len(ids) != len(rows):
-            raise ValueError(f"{len(ids)} id lists but {len(rows)} rows")
-        self.ids = list(ids)
-        self.rows = list(rows)
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(x) for x in self.ids]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> tuple[list[int], int, dict[str, Any]]:
-        return self.ids[i], i, self.rows[i]
-
-
-def _collate_prompt_items(items, pad_id: int, pad_to_multiple_of: int | None):
-    ids, index, rows = zip(*items)
-    return collate_prompts(list(ids), pad_id, list(index), list(rows), pad_to_multiple_of=pad_to_multiple_of)
 
 
 class _PromptPtxDataset(Dataset):
@@ -379,7 +358,10 @@ class PromptDataModule(ChatDataModule):
     # ------------------------------------------------------------------------------------------ loaders
     def _collate(self) -> Callable:
         return functools.partial(
-            _collate_prompt_items, pad_id=self.tokenizer.pad_id, pad_to_multiple_of=self.pad_to_multiple_of
+            collate_rendered_rows,
+            collate=collate_prompts,
+            pad_id=self.tokenizer.pad_id,
+            pad_to_multiple_of=self.pad_to_multiple_of,
         )
 
     def train_dataloader(self) -> DataLoader:
