@@ -7,12 +7,13 @@ LoRA Llama policy, whose reference is the same module with its adapter disabled.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from hf_folders import make_gpt2_folder, make_llama_folder
+from trainers import quiet_trainer  # tests/ is on sys.path under pytest
 
 from rlhf_lightning.data.preference import PreferenceDataModule
 from rlhf_lightning.data.prompts import PromptDataModule
@@ -33,18 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "hh_rlhf"
 
 
-def _trainer(root: Path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=root,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+_trainer = partial(quiet_trainer, limit_val_batches=0, num_sanity_val_steps=0)
 
 
 def _sft(root: Path, folder: Path, lora: LoRAArgs | None, name: str) -> tuple[str, dict, dict]:

@@ -7,12 +7,14 @@ real Trainer for two or three iterations."""
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from trainers import quiet_trainer  # tests/ is on sys.path under pytest
 
 from rlhf_lightning.data.prompts import PromptDataModule
 from rlhf_lightning.data.sft import SFTDataModule
@@ -31,19 +33,7 @@ PROMPTS = REPO / "data" / "hh_rlhf" / "prompts_train.jsonl"
 SCORE_MEAN, SCORE_STD = 0.25, 2.0
 
 
-def _trainer(root: Path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=root,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+_trainer = partial(quiet_trainer, num_sanity_val_steps=0, limit_val_batches=0)
 
 
 @pytest.fixture(scope="module")

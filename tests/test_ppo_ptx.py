@@ -4,11 +4,13 @@ with a reward function instead of a reward model (no reward checkpoint needed)."
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from trainers import quiet_trainer  # tests/ is on sys.path under pytest
 
 from rlhf_lightning.data.formats import DataFormatError
 from rlhf_lightning.data.prompts import PromptDataModule
@@ -25,19 +27,7 @@ PROMPTS = REPO / "data" / "hh_rlhf" / "prompts_train.jsonl"
 SFT_DATA = REPO / "data" / "hh_rlhf" / "sft_train.jsonl"
 
 
-def _trainer(root: Path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=root,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+_trainer = partial(quiet_trainer, num_sanity_val_steps=0, limit_val_batches=0)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from trainers import quiet_trainer  # tests/ is on sys.path under pytest
 
 from rlhf_lightning.data.sft import SFTDataModule
 from rlhf_lightning.models.factory import ModelArgs
@@ -21,16 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "data" / "hh_rlhf" / "prompts_train.jsonl"
 
 
-def _trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+_trainer = quiet_trainer
 
 
 @pytest.fixture(scope="module")

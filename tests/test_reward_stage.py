@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import random
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from trainers import quiet_trainer  # tests/ is on sys.path under pytest
 
 from rlhf_lightning.data.formats import DataFormatError
 from rlhf_lightning.data.preference import PreferenceDataModule
@@ -26,18 +27,7 @@ TINY = ModelArgs(preset="tiny", dropout=0.0)
 TOPICS = ["the weather", "my garden", "a new book", "the train", "dinner", "music", "the ocean", "football"]
 
 
-def _trainer(tmp_path: Path, **kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    return Trainer(**{**defaults, **kwargs})
+_trainer = partial(quiet_trainer, num_sanity_val_steps=0)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
