@@ -28,6 +28,7 @@ from torch import nn
 from rlhf_lightning.models.factory import model_from_spec
 from rlhf_lightning.models.heads import RewardModel, ValueModel
 from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY, load_checkpoint, submodule_state
+from rlhf_lightning.stages.reward import reward_model_from_checkpoint
 from rlhf_lightning.stages.tokenizer_link import reconcile_tokenizers, same_tokenizer, tokenizer_from_payload
 
 log = logging.getLogger(__name__)
@@ -85,16 +86,24 @@ def load_networks(
     provided_tokenizer: Any,
 ) -> PPONetworks:
     """Build the policy, reference, reward model and critic (see the module docstring)."""
-    sft = load_checkpoint(policy_from)
+    loaded: dict[str, dict[str, Any]] = {}
+
+    def checkpoint(
+        path: str,
+    ) -> dict[str, Any]:  # the critic often starts from the reward (or SFT) checkpoint
+        if path not in loaded:
+            loaded[path] = load_checkpoint(path)
+        return loaded[path]
+
+    sft = checkpoint(policy_from)
     payload = sft[PAYLOAD_KEY]
     policy_state = submodule_state(
         sft["state_dict"], payload.get("policy_prefix", payload["backbone_prefix"])
     )
     policy = _backbone(payload["model_spec"])
     policy.load_state_dict(policy_state)
-    if getattr(
-        policy, "is_lora", False
-    ):  # the base weights are frozen: disabling the adapter gives the reference
+    if getattr(policy, "is_lora", False):
+        # the base weights are frozen: disabling the adapter gives the reference
         from rlhf_lightning.models.hf import AdapterDisabledView
 
         reference = AdapterDisabledView(policy)
@@ -105,16 +114,11 @@ def load_networks(
 
     reward_model, reward_tokenizer = None, None
     if reward_from is not None:
-        reward_ckpt = load_checkpoint(reward_from)
-        reward_payload = reward_ckpt[PAYLOAD_KEY]
-        if reward_payload["stage"] != "reward":
-            raise ValueError(f"reward_from={reward_from}: a '{reward_payload['stage']}' checkpoint")
-        reward_model = RewardModel(_backbone(reward_payload["model_spec"]))
-        reward_model.load_state_dict(
-            submodule_state(reward_ckpt["state_dict"], reward_payload["reward_prefix"])
+        reward_ckpt = checkpoint(reward_from)
+        reward_model = freeze(
+            reward_model_from_checkpoint(reward_ckpt, f"reward_from={reward_from}", _backbone)
         )
-        freeze(reward_model)
-        stored = tokenizer_from_payload(reward_payload)
+        stored = tokenizer_from_payload(reward_ckpt[PAYLOAD_KEY])
         if stored is not None and not same_tokenizer(tokenizer, stored):
             reward_tokenizer = (
                 stored  # scored after decoding and re-tokenising with the reward model's template
@@ -129,7 +133,7 @@ def load_networks(
     if share_value_trunk:
         value_model = ValueModel(policy)
     else:
-        value_ckpt = load_checkpoint(value_from)
+        value_ckpt = checkpoint(value_from)
         value_payload = value_ckpt[PAYLOAD_KEY]
         backbone = _backbone(value_payload["model_spec"])
         backbone.load_state_dict(submodule_state(value_ckpt["state_dict"], value_payload["backbone_prefix"]))

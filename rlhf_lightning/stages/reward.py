@@ -36,6 +36,7 @@ Sources: Bradley & Terry 1952; Ouyang et al. 2022 (InstructGPT) for the pairwise
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -275,12 +276,23 @@ class RewardModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def reward_model_from_checkpoint(
+    checkpoint: dict[str, Any],
+    where: str,
+    build: Callable[[dict[str, Any]], torch.nn.Module] = model_from_spec,
+) -> RewardModel:
+    """The reward model (with its score statistics) stored in a loaded reward ``checkpoint`` (named ``where`` in
+    errors); ``build`` turns the stored model spec into a backbone (PPO passes one that switches dropout off)."""
+    payload = checkpoint[PAYLOAD_KEY]
+    if payload["stage"] != "reward":
+        raise ValueError(f"{where}: a '{payload['stage']}' checkpoint; expected a reward-model checkpoint")
+    model = RewardModel(build(payload["model_spec"]))
+    model.load_state_dict(submodule_state(checkpoint["state_dict"], payload["reward_prefix"]))
+    return model
+
+
 def load_reward_model(path: str) -> tuple[RewardModel, Any]:
     """The reward model (with its score statistics) and tokenizer stored in a reward checkpoint."""
     checkpoint = load_checkpoint(path)
-    payload = checkpoint[PAYLOAD_KEY]
-    if payload["stage"] != "reward":
-        raise ValueError(f"{path}: a '{payload['stage']}' checkpoint; expected a reward-model checkpoint")
-    model = RewardModel(model_from_spec(payload["model_spec"]))
-    model.load_state_dict(submodule_state(checkpoint["state_dict"], payload["reward_prefix"]))
-    return model.eval(), tokenizer_from_payload(payload)
+    model = reward_model_from_checkpoint(checkpoint, path)
+    return model.eval(), tokenizer_from_payload(checkpoint[PAYLOAD_KEY])
