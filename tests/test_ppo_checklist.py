@@ -313,14 +313,17 @@ def test_critic_starts_from_the_reward_model_with_separate_weights(
     assert critic.backbone is not reward.backbone
     reward_state = reward.state_dict()
     for name, param in critic.named_parameters():
-        assert torch.equal(param, reward_state[name]), name  # same values ...
+        assert torch.equal(param, reward_state[name]), name  # same values (before calibration) ...
         assert param.data_ptr() != reward_state[name].data_ptr(), name  # ... own storage
         assert param.requires_grad
     assert not any(p.requires_grad for p in reward.parameters())
-    # at the last real token the critic's first value is the reward model's raw score
+    # once PPO measured its reward normalisation, the critic's first value at the last real token is the
+    # *normalised* score PPO's returns are made of (a raw-scale copy starts off by about mean / std)
+    stats = module.calibrate_scores(prompt_batch)
+    assert (stats.mean, stats.std) != (SCORE_MEAN, SCORE_STD)
     ids, mask = prompt_batch.input_ids, prompt_batch.attention_mask
     with torch.no_grad():
-        torch.testing.assert_close(critic(ids, mask)[:, -1], reward(ids, mask))
+        torch.testing.assert_close(critic(ids, mask)[:, -1], reward.normalize(reward(ids, mask)))
     before = _params(reward)
     _attach_optimizers(module)
     module._update(_rollout(module, prompt_batch), update_policy=True)
@@ -508,3 +511,94 @@ def test_validation_is_bounded_and_leaves_training_statistics_alone(
 def test_invalid_ppo_arguments_are_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         PPOArgs(**bad)
+
+
+# -------------------------------------------------------------------------------------------- reward normalisation
+
+
+def _normalised_policy_scores(module: PPOModule, batch, samples: int, seed: int) -> torch.Tensor:
+    """Normalised reward-model scores of ``samples`` fresh policy replies that ended with EOS."""
+    from rlhf_lightning.stages.score_calibration import response_texts
+
+    generator = torch.Generator().manual_seed(seed)
+    scores = []
+    for _ in range(samples // len(batch)):
+        out = generate(
+            module.policy,
+            batch.input_ids,
+            batch.attention_mask,
+            module.generation,
+            eos_token_id=module.tokenizer.eos_id,
+            pad_token_id=module.tokenizer.pad_id,
+            generator=generator,
+        )
+        ended = (out.response_ids == module.tokenizer.eos_id).logical_and(out.response_mask).any(1)
+        seq = torch.cat([batch.input_ids, out.response_ids], 1)
+        seq_mask = torch.cat([batch.attention_mask, out.response_mask], 1)
+        texts = response_texts(module.tokenizer, out.response_ids, out.response_mask)
+        raw = module.scorer.model_scores(seq, seq_mask, [r["prompt"] for r in batch.rows], texts)
+        scores.append(module.reward_model.normalize(raw)[ended])
+    return torch.cat(scores)
+
+
+def test_reward_normalisation_is_measured_on_the_sft_policys_own_replies(
+    sft_checkpoint, reward_checkpoint, tiny_tokenizer, prompt_batch
+):
+    """The reward checkpoint's statistics (0.25, 2.0) do not fit this policy's replies; after calibration on
+    reference-policy samples, fresh SFT-policy replies (another seed) score mean ~0 and std ~1."""
+    module = _mixed_lengths(
+        _ppo(
+            sft_checkpoint,
+            reward_checkpoint,
+            tiny_tokenizer.source,
+            rewards=RewardArgs(calibration_samples=256),
+        )
+    )
+    before = _normalised_policy_scores(module, prompt_batch, 256, seed=11)
+    assert abs(float(before.mean())) > 0.3 or abs(float(before.std()) - 1) > 0.3  # the stored stats are off
+    stats = module.calibrate_scores(prompt_batch)
+    assert 2 <= stats.samples < 256  # replies without EOS are not counted
+    after = _normalised_policy_scores(module, prompt_batch, 256, seed=11)
+    assert abs(float(after.mean())) < 0.2
+    assert 0.8 < float(after.std()) < 1.25
+
+
+def test_running_normalisation_skips_scores_replaced_by_the_missing_eos_score():
+    from rlhf_lightning.stages.rewards import SequenceScorer
+
+    scorer = SequenceScorer(
+        RewardArgs(
+            model_weight=0, functions=["rlhf_lightning.reward_functions:brevity"], running_normalize=True
+        ),
+        None,
+    )
+    raw = torch.tensor([1.0, 3.0, 100.0, -50.0])
+    ended = torch.tensor([True, True, False, False])
+    shaped = scorer.shape(raw, ended)
+    assert scorer.running.count == 2 and scorer.running.mean == pytest.approx(2.0)
+    assert shaped[2:].tolist() == [-1.0, -1.0]
+
+
+def test_calibration_runs_when_ppo_starts_is_stored_and_never_redone_on_resume(
+    sft_checkpoint, reward_checkpoint, tiny_tokenizer, tmp_path
+):
+    rewards = RewardArgs(calibration_samples=32)
+    module = _ppo(sft_checkpoint, reward_checkpoint, tiny_tokenizer.source, build=False, rewards=rewards)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, datamodule=_prompts(tiny_tokenizer.source, 4))
+    stats = module.score_stats
+    assert stats is not None and (stats.mean, stats.std) != (SCORE_MEAN, SCORE_STD)
+    assert module.reward_model.score_mean.item() == pytest.approx(stats.mean)
+    path = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(path)
+    assert torch.load(path, weights_only=False)[PAYLOAD_KEY]["score_stats"]["mean"] == stats.mean
+    resumed = _ppo(sft_checkpoint, reward_checkpoint, tiny_tokenizer.source, build=False, rewards=rewards)
+    calls = []
+    resumed.calibrate_scores = lambda prompts: calls.append(prompts)
+    snaps = _Snapshots()
+    _trainer(tmp_path, max_steps=2, callbacks=[snaps]).fit(
+        resumed, datamodule=_prompts(tiny_tokenizer.source, 4), ckpt_path=str(path)
+    )
+    assert calls == []  # the trained critic head is not folded a second time
+    assert resumed.reward_model.score_mean.item() == pytest.approx(stats.mean)
+    assert resumed.reward_model.score_std.item() == pytest.approx(stats.std)

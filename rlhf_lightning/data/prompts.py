@@ -35,6 +35,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rlhf_lightning.data.base import ChatDataModule, RenderedRows, collate_rendered_rows
@@ -53,6 +54,7 @@ from rlhf_lightning.data.sft import (
 
 if TYPE_CHECKING:
     from rlhf_lightning.tokenization import ChatTokenizer
+    from rlhf_lightning.types import PromptBatch
 
 __all__ = ["PromptDataModule", "PromptDataset"]
 
@@ -288,6 +290,14 @@ class PromptDataModule(ChatDataModule):
             num_replicas=replicas,
             rank=rank,
         )
+
+    def calibration_prompts(self, n: int) -> PromptBatch:
+        """Up to ``n`` training prompts (a seeded sample, independent of the training stream), as one left-padded
+        batch: what PPO samples reference-policy replies on to measure its reward normalisation."""
+        assert self.train_dataset is not None, "call setup() first"
+        count = min(n, len(self.train_dataset))
+        order = torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(self.seed))
+        return self._collate()([self.train_dataset[i] for i in order[:count].tolist()])
 
     def mark_consumed(self, n: int = 1) -> None:
         """Record that ``n`` more training batches were used (manual loops; the Trainer path counts itself)."""

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 
 from rlhf_lightning.functional.kl import AdaptiveKLController, FixedKLController, kl_k1
 from rlhf_lightning.functional.logprobs import entropy_from_logits, logprobs_from_logits
@@ -58,6 +59,7 @@ from rlhf_lightning.stages.ppo_models import load_networks
 from rlhf_lightning.stages.rewards import RewardArgs, SequenceScorer, load_reward_function
 from rlhf_lightning.stages.rollout import make_rollout, policy_logits, response_values
 from rlhf_lightning.stages.sample_tables import log_table
+from rlhf_lightning.stages.score_calibration import ScoreStats, fold_normalization, measure_score_stats
 from rlhf_lightning.stages.tokenizer_link import resolve_tokenizer, tokenizer_payload
 from rlhf_lightning.types import PromptBatch, Rollout, SFTBatch
 
@@ -202,6 +204,8 @@ class PPOModule(LightningModule):
         )
         self.generator = torch.Generator()
         self._generator_seeded = False
+        self.score_stats: ScoreStats | None = None  # reward normalisation measured on the reference policy
+        self._restored = False
 
     # -- weights ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -217,6 +221,9 @@ class PPOModule(LightningModule):
         self.policy, self.reference, self.tokenizer = nets.policy, nets.reference, nets.tokenizer
         self.reward_model, self.value_model = nets.reward_model, nets.value_model
         self.scorer = SequenceScorer(self.rewards, self.reward_model, reward_tokenizer=nets.reward_tokenizer)
+        self._critic_from_reward_head = nets.critic_from_reward_head
+        if self.score_stats is not None:  # restored from a checkpoint before the networks were built
+            self.reward_model.set_score_stats(self.score_stats.mean, self.score_stats.std)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[PAYLOAD_KEY] = {
@@ -226,6 +233,7 @@ class PPOModule(LightningModule):
             "kl_controller": self.kl_controller.state_dict(),
             "running_scores": self.scorer.running.state_dict(),
             "generator_state": self.generator.get_state(),
+            "score_stats": self.score_stats.as_dict() if self.score_stats else None,
             **tokenizer_payload(self.tokenizer),
         }
 
@@ -236,15 +244,71 @@ class PPOModule(LightningModule):
             self.scorer.running.load_state_dict(payload["running_scores"])
         self.generator.set_state(payload["generator_state"])
         self._generator_seeded = True
+        self._restored = True  # the critic head is the trained one: never calibrate (and fold) again
+        stats = payload.get("score_stats")
+        if stats:
+            self.score_stats = ScoreStats(float(stats["mean"]), float(stats["std"]), int(stats["samples"]))
+            if self.policy is not None and self.reward_model is not None:
+                self.reward_model.set_score_stats(self.score_stats.mean, self.score_stats.std)
+
+    # -- reward normalisation ----------------------------------------------------------------------------------------
+    @property
+    def _needs_score_stats(self) -> bool:
+        r = self.rewards
+        return (
+            self.score_stats is None
+            and not self._restored
+            and getattr(self, "reward_model", None) is not None
+            and r.model_weight != 0
+            and r.normalize
+            and r.calibration_samples > 0
+        )
+
+    def _calibrate_from_datamodule(self) -> None:
+        """Measure the score statistics on the DataModule's ``calibration_prompts(n)`` (training prompts), if any."""
+        source = getattr(getattr(self.trainer, "datamodule", None), "calibration_prompts", None)
+        if self._needs_score_stats and callable(source):
+            self.calibrate_scores(source(self.rewards.calibration_samples).to(self.device))
+
+    def calibrate_scores(self, prompts: PromptBatch) -> ScoreStats:
+        """Sample ``rewards.calibration_samples`` replies from the reference policy for ``prompts``, normalise the
+        reward model's scores to mean 0 / std 1 on them and fold the same normalisation into a critic head copied
+        from the reward head (``stages/score_calibration.py``)."""
+        generator = torch.Generator(device=self.device).manual_seed(self.seed + 2**31)
+        stats = measure_score_stats(
+            self.reference,
+            self.scorer,
+            self.tokenizer,
+            prompts,
+            self.generation,
+            self.rewards.calibration_samples,
+            generator=generator,
+            forward_batch_size=self.ppo.forward_batch_size or 32,
+        )
+        self.reward_model.set_score_stats(stats.mean, stats.std)
+        if self._critic_from_reward_head:
+            fold_normalization(self.value_model.head.linear, stats, self.rewards.model_weight)
+        self.score_stats = stats
+        rank_zero_info(
+            f"[ppo] reward normalisation from {stats.samples} reference-policy replies: "
+            f"mean {stats.mean:+.4g}, std {stats.std:.4g}"
+        )
+        return stats
 
     # -- one iteration -----------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         if not self._generator_seeded:  # different sampling seeds per data-parallel rank
             self.generator.manual_seed(rank_seed(self.seed, self.global_rank))
             self._generator_seeded = True
+        self._calibrate_from_datamodule()
+
+    def on_validation_start(self) -> None:
+        self._calibrate_from_datamodule()
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         iteration = self.global_step
+        if self._needs_score_stats:  # a DataModule without calibration_prompts(): the first batch's prompts
+            self.calibrate_scores(batch)
         ptx = self._ptx_batch(batch)
         rollout, timings = self._rollout(batch)  # 1. rollout
         started = time.perf_counter()

@@ -7,7 +7,8 @@
   tokenizer than the policy (e.g. a Hugging Face reward model): then ``reward_tokenizer`` is set and the scorer
   re-renders each decoded response with the reward model's template before scoring (``stages/rewards.py``),
 - critic: its own copy of ``value_from``'s backbone (the reward model by default) and, when that is a reward
-  checkpoint, a value head initialised from the reward head (same scale, separate weights); or, with
+  checkpoint, a value head initialised from the reward head (separate weights; ``PPOModule`` then folds the score
+  normalisation into it, ``stages/score_calibration.py``); or, with
   ``share_value_trunk``, a fresh value head on the policy's trunk.
 
 Dropout: every dropout rate in the stored architecture (``dropout``, ``attn_dropout``, ...) is set to 0 before the
@@ -76,6 +77,7 @@ class PPONetworks:
     value_model: ValueModel
     tokenizer: Any
     reward_tokenizer: Any = None  # set only when the reward model's tokenizer differs from the policy's
+    critic_from_reward_head: bool = False  # the value head is a copy of the reward head (raw score scale)
 
 
 def load_networks(
@@ -130,6 +132,7 @@ def load_networks(
             "the reward model uses another tokenizer than the policy: the critic starts from the policy"
         )
         value_from = policy_from
+    critic_from_reward_head = False
     if share_value_trunk:
         value_model = ValueModel(policy)
     else:
@@ -138,10 +141,13 @@ def load_networks(
         backbone = _backbone(value_payload["model_spec"])
         backbone.load_state_dict(submodule_state(value_ckpt["state_dict"], value_payload["backbone_prefix"]))
         value_model = ValueModel(backbone)
-        if value_payload["stage"] == "reward":  # start the value head from the reward head (same scale)
+        if value_payload["stage"] == "reward":  # start the value head from the reward head (raw score scale)
             head = submodule_state(value_ckpt["state_dict"], value_payload["reward_prefix"] + "head.")
             value_model.head.load_state_dict(head)
-    return PPONetworks(policy, reference, reward_model, value_model, tokenizer, reward_tokenizer)
+            critic_from_reward_head = True
+    return PPONetworks(
+        policy, reference, reward_model, value_model, tokenizer, reward_tokenizer, critic_from_reward_head
+    )
 
 
 __all__ = ["PPONetworks", "disable_dropout", "freeze", "load_networks", "no_dropout_spec"]

@@ -6,9 +6,12 @@ response text (truncated at EOS, what a user would see) and the prompt row's ext
 and returns a float.
 
 Shaping, in order (Huang et al. 2024, arXiv 2403.17031; Zheng et al. 2023 "PPO-max", arXiv 2307.04964):
-    1. the reward model's score is normalised with the mean/std stored in its checkpoint (``normalize``),
-    2. optionally scaled by a running std of all training scores seen so far (``running_normalize``, PPO-max; left
-       unscaled while that std is still 0, e.g. after one score or a stream of identical scores),
+    1. the reward model's score is normalised (``normalize``) with a gain and bias measured when PPO starts on
+       replies sampled from the reference policy (``calibration_samples``; Ziegler et al. 2019 /
+       lm-human-preferences), so the SFT policy's own replies score ~N(0, 1); see ``stages/score_calibration.py``,
+    2. optionally scaled by a running std of the training scores seen so far (``running_normalize``, PPO-max; left
+       unscaled while that std is still 0, e.g. after one score or a stream of identical scores). Scores that
+       step 4 replaces are not counted,
     3. clipped to ``[-clip, clip]``,
     4. a response that ran to the length limit without EOS gets the fixed ``missing_eos_score`` instead.
 
@@ -44,7 +47,10 @@ class RewardArgs:
         model_weight: weight of the reward model's (normalised) score; 0 leaves the reward model out.
         functions: reward callables as ``"package.module:function"`` strings.
         function_weights: one weight per function (default 1.0 each).
-        normalize: normalise the reward model's score with the mean/std stored in its checkpoint.
+        normalize: normalise the reward model's score to mean 0, std 1 on the reference policy's replies.
+        calibration_samples: replies sampled from the reference policy on training prompts when PPO starts to
+            measure that mean and std (stored in the PPO checkpoint); 0 uses the statistics the reward stage
+            stored (measured on its validation replies, not on this policy's).
         running_normalize: divide scores by a running standard deviation of all scores so far (PPO-max).
         clip: clip the combined score to ``[-clip, clip]``; ``None`` disables clipping.
         missing_eos_score: score given to responses that hit the length limit without EOS; ``None`` disables.
@@ -54,6 +60,7 @@ class RewardArgs:
     functions: list[str] = field(default_factory=list)
     function_weights: list[float] | None = None
     normalize: bool = True
+    calibration_samples: int = 256
     running_normalize: bool = False
     clip: float | None = 5.0
     missing_eos_score: float | None = -1.0
@@ -63,6 +70,10 @@ class RewardArgs:
             raise ValueError(
                 f"rewards.function_weights has {len(self.function_weights)} entries; expected one per function "
                 f"({len(self.functions)})"
+            )
+        if self.calibration_samples < 0 or self.calibration_samples == 1:
+            raise ValueError(
+                f"rewards.calibration_samples must be 0 (off) or >= 2, got {self.calibration_samples}"
             )
         if self.clip is not None and self.clip <= 0:
             raise ValueError(f"rewards.clip must be > 0 or null, got {self.clip}")
@@ -133,15 +144,7 @@ class SequenceScorer:
         """Weighted sum of the sources before clipping and penalties. sequences/sequence_mask (B, T) -> (B,)."""
         total = torch.zeros(sequences.shape[0], device=sequences.device)
         if self.args.model_weight != 0:
-            if self.reward_tokenizer is not None:
-                sequences, sequence_mask = self._retokenize(prompts, responses, sequences.device)
-            chunk = forward_batch_size or sequences.shape[0]
-            scores = torch.cat(
-                [
-                    self.reward_model(sequences[i : i + chunk], sequence_mask[i : i + chunk]).float()
-                    for i in range(0, sequences.shape[0], chunk)
-                ]
-            )
+            scores = self.model_scores(sequences, sequence_mask, prompts, responses, forward_batch_size)
             if self.args.normalize:
                 scores = self.reward_model.normalize(scores)
             total += self.args.model_weight * scores
@@ -156,6 +159,28 @@ class SequenceScorer:
                     ) from err
             total += weight * torch.tensor(values, device=total.device)
         return total
+
+    @torch.no_grad()
+    def model_scores(
+        self,
+        sequences: torch.Tensor,
+        sequence_mask: torch.Tensor,
+        prompts: Sequence[list[dict[str, str]]],
+        responses: Sequence[str],
+        forward_batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """The reward model's un-normalised scores (B,) float32 for prompt + response ``sequences`` (B, T)."""
+        if self.reward_model is None:
+            raise ValueError("no reward model to score with (reward_from is not set)")
+        if self.reward_tokenizer is not None:
+            sequences, sequence_mask = self._retokenize(prompts, responses, sequences.device)
+        chunk = forward_batch_size or sequences.shape[0]
+        return torch.cat(
+            [
+                self.reward_model(sequences[i : i + chunk], sequence_mask[i : i + chunk]).float()
+                for i in range(0, sequences.shape[0], chunk)
+            ]
+        )
 
     def _retokenize(
         self, prompts: Sequence[list[dict[str, str]]], responses: Sequence[str], device: torch.device
@@ -188,8 +213,9 @@ class SequenceScorer:
         """
         scores = raw
         if self.args.running_normalize:
-            if update_running:
-                self.running.update(raw)
+            counted = raw if self.args.missing_eos_score is None else raw[ended_with_eos]
+            if update_running and counted.numel():  # scores replaced below never enter the statistics
+                self.running.update(counted)
             std = self.running.std
             if std > 1e-8:  # no spread seen yet: dividing by ~0 would blow scores up to the clip limit
                 scores = scores / std
