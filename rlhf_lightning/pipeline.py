@@ -56,6 +56,12 @@ class RLHFConfig:
         sft_data_path: conversations for SFT (JSONL).
         reward_data_path: preference pairs for the reward model (JSONL).
         ppo_data_path: prompts for PPO (JSONL).
+        sft_val_path: held-out conversations to validate SFT on. Unset: the stage YAML's validation file while
+            ``sft_data_path`` is the file that YAML trains on, else a held-out fraction of ``sft_data_path``
+            (the YAML's ``val_fraction``, 0.1 when it has none), so the stage validates on the user's own data.
+        reward_val_path: held-out preference pairs for the reward model (same rule: it picks the best checkpoint,
+            so it must come from the same data as ``reward_data_path``).
+        ppo_val_path: held-out prompts for PPO's evaluations (same rule).
         sft_epochs: SFT epochs.
         reward_epochs: reward-model epochs (about one; more overfits).
         ppo_iterations: PPO iterations (one = one batch of prompts and its updates).
@@ -75,6 +81,9 @@ class RLHFConfig:
     sft_data_path: str = "data/hh_rlhf/sft_train.jsonl"
     reward_data_path: str = "data/hh_rlhf/preference_train.jsonl"
     ppo_data_path: str = "data/hh_rlhf/prompts_train.jsonl"
+    sft_val_path: str | None = None
+    reward_val_path: str | None = None
+    ppo_val_path: str | None = None
     sft_epochs: int | None = None
     reward_epochs: int | None = None
     ppo_iterations: int | None = None
@@ -139,6 +148,8 @@ class RLHFPipeline:
     Args:
         config: the pipeline config.
         stages: which stages to run (others must be finished in ``save_dir`` when a later stage needs them).
+            ``None`` runs all three and skips the ones finished earlier (a rerun resumes the pipeline); stages named
+            here are run again even when finished: their previous folder is kept as ``<stage>.previous-<n>``.
         overwrite: delete an existing ``save_dir`` and start over (a finished run is never overwritten without it).
         model: a ``ModelArgs``-style dict for the built-in model (overrides the stage configs' ``model``).
         datamodules: per-stage DataModule config (``{"class_path": ..., "init_args": ...}``) replacing the default.
@@ -147,16 +158,19 @@ class RLHFPipeline:
     def __init__(
         self,
         config: RLHFConfig,
-        stages: Sequence[str] = STAGES,
+        stages: Sequence[str] | None = None,
         overwrite: bool = False,
         model: dict[str, Any] | None = None,
         datamodules: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        bad = [s for s in stages if s not in STAGES]
+        bad = [s for s in stages or () if s not in STAGES]
         if bad:
             raise ValueError(f"unknown stage(s) {bad}; expected some of {STAGES}")
+        if stages is not None and not stages:
+            raise ValueError(f"no stage to run; expected some of {STAGES}")
         self.config = config
-        self.stages = [s for s in STAGES if s in stages]
+        self.rerun = stages is not None  # named stages run again even when finished
+        self.stages = [s for s in STAGES if stages is None or s in stages]
         self.overwrite = overwrite
         self.model = model
         self.datamodules = datamodules or {}
@@ -192,17 +206,18 @@ class RLHFPipeline:
             model_args["model"] = {**model_args.get("model", {}), **self.model}
         elif c.model_preset is not None and stage == "sft":
             model_args.setdefault("model", {})["preset"] = c.model_preset
+        if "class_path" not in self.datamodules.get(stage, {}):
+            _follow_data(data_args, *self._data_paths(stage))
+        else:  # a user's DataModule: only the train file is the pipeline's to set
+            data_args["train_path"] = self._data_paths(stage)[0]
         if stage == "sft":
-            data_args["train_path"] = c.sft_data_path
             if c.sft_epochs is not None:
                 _set(config, "trainer.max_epochs", c.sft_epochs)
         elif stage == "reward":
-            data_args["train_path"] = c.reward_data_path
             model_args["init_from"] = inputs.get("sft", model_args.get("init_from"))
             if c.reward_epochs is not None:
                 _set(config, "trainer.max_epochs", c.reward_epochs)
         else:
-            data_args["train_path"] = c.ppo_data_path
             model_args["policy_from"] = inputs.get("sft", model_args.get("policy_from"))
             model_args["reward_from"] = inputs.get("reward", model_args.get("reward_from"))
             if c.ppo_iterations is not None:
@@ -218,6 +233,14 @@ class RLHFPipeline:
                 for callback in _callbacks(config, "ModelCheckpoint"):
                     callback["init_args"]["every_n_train_steps"] = c.save_interval
         return config
+
+    def _data_paths(self, stage: str) -> tuple[str, str | None]:
+        c = self.config
+        return {
+            "sft": (c.sft_data_path, c.sft_val_path),
+            "reward": (c.reward_data_path, c.reward_val_path),
+            "ppo": (c.ppo_data_path, c.ppo_val_path),
+        }[stage]
 
     def _cli(self, config: dict[str, Any]):
         from lightning.pytorch import LightningDataModule, LightningModule
@@ -268,7 +291,12 @@ class RLHFPipeline:
                 if done:
                     inputs[stage] = done["checkpoint"]
                 continue
-            if done:
+            if done and self.rerun:
+                kept = self._archive(stage)
+                print(
+                    f"[pipeline] {stage}: finished earlier; running it again as asked (previous run kept in {kept})"
+                )
+            elif done:
                 print(f"[pipeline] {stage}: finished earlier, skipped ({done['checkpoint']})")
                 inputs[stage] = done["checkpoint"]
                 summary["stages"][stage] = done["results"]
@@ -288,6 +316,15 @@ class RLHFPipeline:
         print(format_summary(summary))
         return summary
 
+    def _archive(self, stage: str) -> Path:
+        """Move a finished stage's folder aside (``<stage>.previous-<n>``) so that it can run again."""
+        n = 1
+        while (self.root / f"{stage}.previous-{n}").exists():
+            n += 1
+        target = self.root / f"{stage}.previous-{n}"
+        (self.root / stage).rename(target)
+        return target
+
     def _run_stage(self, stage: str, inputs: dict[str, str]) -> dict[str, Any]:
         folder = self.root / stage
         folder.mkdir(parents=True, exist_ok=True)
@@ -296,6 +333,11 @@ class RLHFPipeline:
         last = folder / "checkpoints" / "last.ckpt"
         resume = str(last) if last.is_file() else None
         print(f"[pipeline] {stage}: {'resuming from ' + resume if resume else 'starting'}")
+        data_args = config.get("data", {}).get("init_args", {})
+        if "train_path" in data_args:
+            print(
+                f"[pipeline] {stage}: trains on {data_args['train_path']}, validates on {validation_source(data_args)}"
+            )
         # copied before parsing, which edits the dict in place
         logged = {"stage_config": copy.deepcopy(config), "pipeline": asdict(self.config)}
         cli = self._cli(config)
@@ -324,8 +366,7 @@ class RLHFPipeline:
         started = time.perf_counter()
         results: dict[str, Any] = {}
         if stage == "ppo":
-            before = trainer.validate(model, datamodule=data, verbose=False, ckpt_path=resume)
-            results.update({f"before/{k}": v for k, v in before[0].items()} if before else {})
+            results.update(self._before_ppo(folder, trainer, model, data))
         trainer.fit(model, datamodule=data, ckpt_path=resume)
         callback = trainer.checkpoint_callback
         checkpoint = (callback.best_model_path or callback.last_model_path) if callback else ""
@@ -342,6 +383,17 @@ class RLHFPipeline:
         results["wall_time_s"] = round(time.perf_counter() - started, 1)
         return {"checkpoint": checkpoint, "results": results}
 
+    def _before_ppo(self, folder: Path, trainer, model, data) -> dict[str, Any]:
+        """Held-out metrics of the SFT policy PPO starts from (``before/...``), measured once and kept in
+        ``ppo/before.json``: a resumed run reuses them instead of evaluating its partly trained policy."""
+        stored = self._read_json(folder / "before.json")
+        if stored is not None:
+            return stored
+        before = trainer.validate(model, datamodule=data, verbose=False)  # no ckpt_path: the SFT weights
+        results = {f"before/{k}": v for k, v in before[0].items()} if before else {}
+        self._write_json(folder / "before.json", results)
+        return results
+
     @staticmethod
     def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
@@ -351,6 +403,30 @@ class RLHFPipeline:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
         tmp.replace(path)
+
+
+def _follow_data(data_args: dict[str, Any], train_path: str, val_path: str | None) -> None:
+    """Point a stage's DataModule at the pipeline's data, with a validation source that follows it: ``val_path``
+    when given; the YAML's own validation settings when ``train_path`` is the file the YAML trains on; else a
+    held-out fraction of ``train_path`` (never a validation file that belongs to other data)."""
+    same_data = data_args.get("train_path") == train_path
+    data_args["train_path"] = train_path
+    if val_path is not None:
+        data_args["val_path"] = val_path
+    elif not same_data:
+        data_args["val_path"] = None
+        if not data_args.get("val_fraction"):  # unset or 0 in the YAML
+            data_args["val_fraction"] = 0.1
+
+
+def validation_source(data_args: dict[str, Any]) -> str:
+    """Where a stage's DataModule validates, in words (printed when the stage starts)."""
+    if data_args.get("val_path"):
+        return str(data_args["val_path"])
+    fraction = data_args.get("val_fraction")
+    if fraction is None:
+        return f"a held-out share of {data_args.get('train_path')} (the DataModule's default val_fraction)"
+    return f"a held-out {fraction:.0%} of {data_args.get('train_path')}"
 
 
 def _stage_loggers(backend: str, folder: Path, stage: str, group: str) -> list[dict[str, Any]]:
@@ -373,19 +449,26 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def main(args: Sequence[str]) -> dict[str, Any]:
     """``rlhf-lightning pipeline``: ``--config configs/pipeline.yaml`` and any RLHFConfig field as a flag."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
     parser = ArgumentParser(
         prog="rlhf-lightning pipeline", description="Run SFT, reward model and PPO in sequence."
     )
     parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML (RLHFConfig fields)")
     parser.add_class_arguments(RLHFConfig, nested_key=None, fail_untyped=False)
-    parser.add_argument("--stages", type=str, default=",".join(STAGES), help="comma-separated stages to run")
-    parser.add_argument("--overwrite", type=bool, default=False, help="delete save_dir first and start over")
+    parser.add_argument(
+        "--stages",
+        type=str | None,
+        default=None,
+        help="comma-separated stages to run again (default: all, skipping the ones finished earlier)",
+    )
+    parser.add_argument(
+        "--overwrite", action=ActionYesNo, default=False, help="delete save_dir first and start over"
+    )
     cfg = parser.parse_args(list(args)).as_dict()
     fields = {name: cfg[name] for name in RLHFConfig.__dataclass_fields__ if name in cfg}
     config = RLHFConfig(**fields)
-    stages = [s.strip() for s in cfg["stages"].split(",") if s.strip()]
+    stages = None if cfg["stages"] is None else [s.strip() for s in cfg["stages"].split(",") if s.strip()]
     return RLHFPipeline(config, stages=stages, overwrite=cfg["overwrite"]).run()
 
 

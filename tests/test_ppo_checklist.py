@@ -317,13 +317,16 @@ def test_critic_starts_from_the_reward_model_with_separate_weights(
         assert param.data_ptr() != reward_state[name].data_ptr(), name  # ... own storage
         assert param.requires_grad
     assert not any(p.requires_grad for p in reward.parameters())
-    # once PPO measured its reward normalisation, the critic's first value at the last real token is the
-    # *normalised* score PPO's returns are made of (a raw-scale copy starts off by about mean / std)
+    # once PPO measured its reward normalisation, the critic's first value at the last real token is the expected
+    # *shaped* score PPO's returns are made of (a raw-scale copy starts off by about mean / std): the normalised
+    # score for the share p of replies that end with EOS, the missing-EOS score (-1) for the rest
     stats = module.calibrate_scores(prompt_batch)
     assert (stats.mean, stats.std) != (SCORE_MEAN, SCORE_STD)
+    p = stats.eos_fraction
     ids, mask = prompt_batch.input_ids, prompt_batch.attention_mask
     with torch.no_grad():
-        torch.testing.assert_close(critic(ids, mask)[:, -1], reward.normalize(reward(ids, mask)))
+        expected = p * reward.normalize(reward(ids, mask)) + (1 - p) * -1.0
+        torch.testing.assert_close(critic(ids, mask)[:, -1], expected)
     before = _params(reward)
     _attach_optimizers(module)
     module._update(_rollout(module, prompt_batch), update_policy=True)

@@ -143,6 +143,9 @@ class PPOArgs:
 torch.serialization.add_safe_globals([PPOArgs])
 
 
+FROZEN_PREFIXES = ("reference.", "reward_model.")  # networks PPO never trains: not stored in its checkpoints
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """Sampling seed of data-parallel rank ``rank``: ``seed`` on rank 0, a different one on every other rank."""
     return seed + 1000003 * rank
@@ -226,6 +229,10 @@ class PPOModule(LightningModule):
             self.reward_model.set_score_stats(self.score_stats.mean, self.score_stats.std)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the frozen networks are rebuilt from policy_from / reward_from: a checkpoint stores what resume needs
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
         checkpoint[PAYLOAD_KEY] = {
             "stage": "ppo",
             "backbone_prefix": "policy.",
@@ -239,6 +246,13 @@ class PPOModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         payload = checkpoint[PAYLOAD_KEY]
+        if (
+            self.policy is not None
+        ):  # the frozen networks as configure_model built them (strict loading holds)
+            state = checkpoint.setdefault("state_dict", {})
+            for key, value in self.state_dict().items():
+                if key.startswith(FROZEN_PREFIXES):
+                    state.setdefault(key, value)
         self.kl_controller.load_state_dict(payload["kl_controller"])
         if self.policy is not None:
             self.scorer.running.load_state_dict(payload["running_scores"])
@@ -247,7 +261,7 @@ class PPOModule(LightningModule):
         self._restored = True  # the critic head is the trained one: never calibrate (and fold) again
         stats = payload.get("score_stats")
         if stats:
-            self.score_stats = ScoreStats(float(stats["mean"]), float(stats["std"]), int(stats["samples"]))
+            self.score_stats = ScoreStats(**stats)
             if self.policy is not None and self.reward_model is not None:
                 self.reward_model.set_score_stats(self.score_stats.mean, self.score_stats.std)
 
@@ -287,7 +301,8 @@ class PPOModule(LightningModule):
         )
         self.reward_model.set_score_stats(stats.mean, stats.std)
         if self._critic_from_reward_head:
-            fold_normalization(self.value_model.head.linear, stats, self.rewards.model_weight)
+            r = self.rewards
+            fold_normalization(self.value_model.head.linear, stats, r.model_weight, r.missing_eos_score)
         self.score_stats = stats
         rank_zero_info(
             f"[ppo] reward normalisation from {stats.samples} reference-policy replies: "

@@ -10,9 +10,11 @@ prompts, and stored in the PPO checkpoint.
 Only replies that end with EOS count: the others get the fixed ``missing_eos_score`` in PPO, so their reward-model
 score never reaches a reward (all replies count when fewer than two ended).
 
-The critic starts from the reward model (same trunk, head copied) but must predict normalised returns, so
-:func:`fold_normalization` rewrites its copied head ``w, b`` as ``k * w / std, k * (b - mean) / std`` (``k`` the
-reward model's weight in the score): its first values are the normalised scores, not the raw ones.
+The critic starts from the reward model (same trunk, head copied) but must predict PPO's returns, made of shaped
+scores, so :func:`fold_normalization` rewrites its copied head to output the expected shaped score of a reference
+reply: the normalised score (times the reward model's weight) for the share ``p`` of replies that end with EOS, the
+fixed missing-EOS score for the others. Its first values are on the returns' scale, not the raw score's, so value
+clipping does not hold the critic back for the first iterations.
 """
 
 from __future__ import annotations
@@ -29,14 +31,21 @@ from rlhf_lightning.types import PromptBatch
 
 @dataclass(frozen=True)
 class ScoreStats:
-    """Mean and std of the reward model's raw scores on ``samples`` reference-policy replies."""
+    """Mean and std of the reward model's raw scores on ``samples`` reference-policy replies that ended with EOS,
+    and the share of all sampled replies that did (``eos_fraction``)."""
 
     mean: float
     std: float
     samples: int
+    eos_fraction: float = 1.0
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"mean": self.mean, "std": self.std, "samples": self.samples}
+        return {
+            "mean": self.mean,
+            "std": self.std,
+            "samples": self.samples,
+            "eos_fraction": self.eos_fraction,
+        }
 
 
 def response_texts(tokenizer, response: torch.Tensor, response_mask: torch.Tensor) -> tuple[str, ...]:
@@ -88,14 +97,25 @@ def measure_score_stats(
     scores, ended = torch.cat(all_scores), torch.cat(all_eos)
     counted = scores[ended] if int(ended.sum()) >= 2 else scores
     std = float(counted.std())
-    return ScoreStats(mean=float(counted.mean()), std=max(std, 1e-6), samples=int(counted.numel()))
+    return ScoreStats(
+        mean=float(counted.mean()),
+        std=max(std, 1e-6),
+        samples=int(counted.numel()),
+        eos_fraction=float(ended.float().mean()),
+    )
 
 
 @torch.no_grad()
-def fold_normalization(head: nn.Linear, stats: ScoreStats, weight: float = 1.0) -> None:
-    """Make ``head`` (a copy of the reward head) output ``weight * (score - mean) / std`` instead of ``score``."""
-    head.weight.mul_(weight / stats.std)
-    head.bias.sub_(stats.mean).mul_(weight / stats.std)
+def fold_normalization(
+    head: nn.Linear, stats: ScoreStats, weight: float = 1.0, missing_eos_score: float | None = None
+) -> None:
+    """Make ``head`` (a copy of the reward head, ``score = w.h + b``) predict the expected shaped score of the
+    reference policy's replies instead of the raw score: ``p * weight * (score - mean) / std + (1 - p) * m``, with
+    ``p`` the share of replies that ended with EOS and ``m`` the fixed score of the others (``p = 1`` without one)."""
+    p = 1.0 if missing_eos_score is None else stats.eos_fraction
+    scale = p * weight / stats.std
+    head.weight.mul_(scale)
+    head.bias.sub_(stats.mean).mul_(scale).add_((1 - p) * (missing_eos_score or 0.0))
 
 
 __all__ = ["ScoreStats", "fold_normalization", "measure_score_stats", "response_texts"]
