@@ -17,9 +17,8 @@ from rlhf_lightning.types import PromptBatch, Rollout
 
 
 def _module(**kwargs) -> PPOModule:
-    return PPOModule(
-        policy_from="unused.ckpt", reward_from="unused.ckpt", **kwargs
-    )  # construction reads no file
+    """Construction reads no checkpoint, so the paths need not exist."""
+    return PPOModule(policy_from="unused.ckpt", reward_from="unused.ckpt", **kwargs)
 
 
 @pytest.mark.parametrize(

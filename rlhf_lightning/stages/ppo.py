@@ -184,9 +184,8 @@ class PPOModule(LightningModule):
         super().__init__()
         for spec in rewards.functions:  # a bad "module:function" fails here, before any training
             load_reward_function(spec)
-        if (
-            not generation.samples_full_distribution
-        ):  # rollout log-probs are of the full tempered distribution
+        # rollout log-probs are those of the full tempered distribution: the tokens must be sampled from it
+        if not generation.samples_full_distribution:
             raise ValueError(
                 f"PPO samples from the whole distribution: got generation.top_k={generation.top_k}, "
                 f"top_p={generation.top_p}, do_sample={generation.do_sample}, whose tokens do not follow the "
@@ -213,10 +212,9 @@ class PPOModule(LightningModule):
 
     # -- weights ---------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        # manual optimisation steps the raw optimizers: no GradScaler unscaling or skipping of inf steps
         precision = str(self.trainer.precision)
-        if precision.startswith(
-            "16"
-        ):  # manual optimisation steps the raw optimizers: no GradScaler unscale/skip
+        if precision.startswith("16"):
             raise ValueError(
                 f"PPO does not support trainer.precision={precision!r}: its manual optimisation bypasses the fp16 "
                 "GradScaler; use bf16-mixed (or 32-true)"
