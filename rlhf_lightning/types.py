@@ -84,7 +84,9 @@ class Rollout(_TensorBatch):
     ref_logprobs: Tensor  # (B, R) float: reference-model log-probs of the response tokens
     values: Tensor  # (B, R) float: critic values before each response token is scored
     scores: Tensor  # (B,) float: final (normalised, clipped, penalised) sequence score
-    raw_scores: Tensor  # (B,) float: reward-source score before normalisation and penalties
+    raw_scores: (
+        Tensor  # (B,) float: weighted reward sources (reward model normalised by its stored stats), unshaped
+    )
     rewards: Tensor  # (B, R) float: per-token reward = -beta * k1 + score at the last response token
     advantages: Tensor  # (B, R) float: whitened GAE advantages (0 on padding)
     returns: Tensor  # (B, R) float: advantages (before whitening) + values

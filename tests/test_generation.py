@@ -204,3 +204,11 @@ def test_generator_makes_sampling_reproducible_and_restores_train_mode(model: GP
         model.eval()
     b = generate(model, ids, mask, args, generator=torch.Generator().manual_seed(7), **kw)
     assert torch.equal(a.sequences, b.sequences)
+
+
+def test_right_padded_prompts_are_refused(model: GPT) -> None:
+    ids, mask = _prompts([3, 5])
+    with pytest.raises(ValueError, match=r"generate: prompts must be left-padded.* row 0 "):
+        generate(
+            model, ids, mask.flip(1), GenerationArgs(max_new_tokens=2), eos_token_id=EOS, pad_token_id=PAD
+        )

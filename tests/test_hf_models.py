@@ -110,6 +110,35 @@ def test_spec_round_trip_with_lora_and_adapter_disabled_is_the_base_model(folder
         torch.testing.assert_close(rebuilt(ids), adapted)
 
 
+def test_reference_of_merges_the_adapter_and_disables_a_fresh_one(folder):
+    from rlhf_lightning.models.hf import reference_of
+
+    tok = _tok(folder)
+    lora = build_model(ModelArgs(hf_path=str(folder), lora=LoRAArgs(r=4)), tok.vocab_size).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter (peft starts lora_B at 0)
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    ids = torch.tensor([tok.render(CONV)[0]])
+    keys = set(lora.state_dict())
+    with torch.no_grad():
+        trained = lora(ids)
+        reference = reference_of(lora)
+        after, ref = lora(ids), reference(ids)
+    assert reference.policy is lora and set(lora.state_dict()) == keys  # same module, same parameter names
+    lora_b = [p for n, p in lora.named_parameters() if "lora_B" in n]
+    assert lora_b and all(not p.any() for p in lora_b)  # the fresh adapter's update is exactly 0
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)  # only the fresh adapter trains
+    assert torch.equal(after, ref)  # policy == reference exactly, and both are the trained model
+    torch.testing.assert_close(ref, trained, atol=1e-5, rtol=1e-5)
+    rebuilt = model_from_spec(model_spec(lora)).eval()
+    rebuilt.load_state_dict(lora.state_dict())  # a checkpoint written after the merge rebuilds the same model
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids), after)
+
+
 def test_gradient_checkpointing_option(folder):
     tok = _tok(folder)
     model = build_model(ModelArgs(hf_path=str(folder), gradient_checkpointing=True), tok.vocab_size).train()

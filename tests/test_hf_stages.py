@@ -2,7 +2,8 @@
 
 One module-scoped chain: SFT a GPT-2 (all weights) and a Llama with LoRA, a reward model from the Llama SFT
 checkpoint, then PPO with the GPT-2 policy scored by the Llama reward model (different tokenizers) and PPO with the
-LoRA Llama policy, whose reference is the same module with its adapter disabled.
+LoRA Llama policy, whose SFT adapter is merged and whose reference is the SFT model (the fresh PPO adapter
+disabled).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from trainers import quiet_trainer  # tests/ is on sys.path under pytest
 from rlhf_lightning.data.preference import PreferenceDataModule
 from rlhf_lightning.data.prompts import PromptDataModule
 from rlhf_lightning.data.sft import SFTDataModule
+from rlhf_lightning.export import export_checkpoint
 from rlhf_lightning.models.factory import LoRAArgs, ModelArgs
 from rlhf_lightning.models.generation import GenerationArgs
 from rlhf_lightning.stages.checkpoints import load_backbone
@@ -27,7 +29,7 @@ from rlhf_lightning.stages.rewards import RewardArgs
 from rlhf_lightning.stages.rollout import response_logprobs_of
 from rlhf_lightning.stages.sft import SFTModule
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,28 +166,63 @@ def test_ppo_policy_and_reward_model_with_different_tokenizers(chain):
     torch.testing.assert_close(raw, expected)
 
 
-def test_ppo_with_lora_policy_uses_the_base_model_as_reference(chain):
+def _logits(model, ids, mask):
+    with torch.no_grad():
+        return model(ids, mask)
+
+
+def test_ppo_with_lora_policy_uses_the_sft_model_as_reference(chain, tmp_path):
+    # Replaces a test that asserted the old behaviour (reference == the pretrained base, so KL > 0 at step 0) and an
+    # assertion that could not fail (``AdapterDisabledView`` is no ``nn.Module``, so ``isinstance`` was always False).
+    sft_model, _, _ = load_backbone(chain["llama_sft"])
+    sft_model.eval()
+    lora_b = [p for n, p in sft_model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.any() for p in lora_b)  # SFT trained the adapter (peft starts lora_B at 0)
     module = _ppo(chain["llama_sft"], chain["reward"])
     data = _prompts(chain["llama"], batch_size=4)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    module.configure_model()
+    # no second copy: the reference reads the policy's own parameters and registers none
+    assert module.reference.policy is module.policy
+    assert not any(n.startswith("reference.") for n, _ in module.named_parameters())
+
+    # first iteration: KL exactly 0, and the first minibatch's ratio exactly 1
+    module.generator.manual_seed(0)
+    rollout, _ = module._rollout(batch)
+    assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
+    module.policy.train(), module.value_model.train()
+    _, stats = module._losses(rollout, torch.arange(len(rollout)), update_policy=True)
+    assert stats["ratio_mean"].item() == 1.0 and stats["ratio_max"].item() == 1.0
+    # the reference is the SFT model (adapter merged), not the folder's base model
+    seq = torch.cat([rollout.query_ids, rollout.response_ids], 1)
+    mask = torch.cat([rollout.query_mask, rollout.response_mask], 1)
+    P, m = rollout.query_ids.shape[1], rollout.response_mask
+    with torch.no_grad():
+        sft = response_logprobs_of(sft_model, seq, mask, P, 1.0)
+        with sft_model.adapter_disabled():
+            base = response_logprobs_of(sft_model, seq, mask, P, 1.0)
+    torch.testing.assert_close(rollout.ref_logprobs[m], sft[m], atol=1e-5, rtol=1e-5)
+    assert (rollout.ref_logprobs[m] - base[m]).abs().max() > 1e-3
+
+    # PPO trains the fresh adapter; its checkpoint rebuilds the PPO policy for generate, export and resume
     trainer = _trainer(chain["root"], max_steps=1)
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 1
-    assert not any(isinstance(m, torch.nn.Module) and m is not module.policy for m in [module.reference])
-    names = {n for n, _ in module.named_parameters()}
-    assert not any(n.startswith("reference.") for n in names)  # no second copy of the policy
-    # reference log-probs of a rollout == log-probs under the folder's base model (no adapter)
-    from rlhf_lightning.models.hf import HFCausalLM
-
-    base = HFCausalLM.from_pretrained(chain["llama"], vocab_size=module.tokenizer.vocab_size).eval()
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
-    module.generator.manual_seed(0)
-    rollout, _ = module._rollout(batch)
-    seq = torch.cat([rollout.query_ids, rollout.response_ids], 1)
-    mask = torch.cat([rollout.query_mask, rollout.response_mask], 1)
-    P = rollout.query_ids.shape[1]
+    path = tmp_path / "ppo.ckpt"
+    trainer.save_checkpoint(path)
+    module.policy.eval()
+    ids, ids_mask = batch.input_ids, batch.attention_mask
+    expected = _logits(module.policy, ids, ids_mask)
+    assert (expected - _logits(sft_model, ids, ids_mask)).abs().max() > 1e-4  # PPO changed the policy
+    rebuilt, _, checkpoint = load_backbone(path)  # what generate and export read
+    torch.testing.assert_close(_logits(rebuilt.eval(), ids, ids_mask), expected)
+    resumed = _ppo(chain["llama_sft"], chain["reward"])
+    resumed.configure_model()
+    resumed.load_state_dict(checkpoint["state_dict"])  # strict: what a resumed fit loads
+    torch.testing.assert_close(_logits(resumed.policy.eval(), ids, ids_mask), expected)
+    exported = export_checkpoint(path, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, local_files_only=True).eval()
     with torch.no_grad():
-        expected = response_logprobs_of(base, seq, mask, P, 1.0)
-    m = rollout.response_mask
-    torch.testing.assert_close(rollout.ref_logprobs[m], expected[m], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(rollout.logprobs[m], rollout.ref_logprobs[m])  # the adapter did learn something
+        theirs = hf(input_ids=ids, attention_mask=ids_mask.long()).logits
+    torch.testing.assert_close(theirs[ids_mask], expected[ids_mask], atol=1e-4, rtol=1e-4)

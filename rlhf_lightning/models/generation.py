@@ -10,8 +10,11 @@ Responses are truncated at each row's first EOS: the EOS itself counts (mask Tru
 
 For PPO the log-probs seen during the rollout must match the ones recomputed in training, so
 ``output_logprobs=True`` returns ``log_softmax(logits / temperature)`` of each chosen token, before any top-k/top-p
-filtering (the PPO checklist samples without truncation by default; with truncation these are the log-probs of the
-untruncated tempered distribution, which is what training recomputes).
+filtering. With filtering (or greedy decoding) the tokens do not come from that distribution, so PPO's ratios would be
+off-policy: ``PPOModule`` refuses such settings (:attr:`GenerationArgs.samples_full_distribution`).
+
+Prompts must be left-padded (every row's real tokens end in the last column): :func:`check_left_padded` refuses a
+right-padded mask with the offending row, since each step reads the last column's hidden state.
 
 ``use_cache=False`` recomputes the whole sequence at every step; it is the naive baseline for the equivalence tests
 and ``benchmarks/generation.py``. The model contract: ``hidden_states(input_ids, attention_mask, position_ids=None,
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GenerationArgs", "GenerationOutput", "generate", "sample_next_token"]
+__all__ = ["GenerationArgs", "GenerationOutput", "check_left_padded", "generate", "sample_next_token"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,12 @@ class GenerationArgs:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    @property
+    def samples_full_distribution(self) -> bool:
+        """True when tokens are drawn from the whole tempered distribution (sampling, no top-k / top-p filtering):
+        the only setting whose stored log-probs are those of the sampling distribution (on-policy for PPO)."""
+        return self.do_sample and self.top_k == 0 and self.top_p == 1.0
+
 
 # typed config stored in checkpoint hyper-parameters: loadable with torch.load(weights_only=True)
 torch.serialization.add_safe_globals([GenerationArgs])
@@ -71,6 +80,21 @@ class GenerationOutput:
     response_ids: Tensor  # (B, R) long: generated tokens, pad_token_id after the first EOS
     response_mask: Tensor  # (B, R) bool: True up to and including the first EOS
     logprobs: Tensor | None = None  # (B, R) float32: log p(token | logits / temperature); 0 where mask False
+
+
+def check_left_padded(attention_mask: Tensor, what: str = "generate", hint: str = "") -> None:
+    """Raise ``ValueError`` unless each row of the (B, P) mask is padding first, then real tokens (left padding).
+
+    The message names ``what`` was given the mask, the first offending row, and ends with ``hint``.
+    """
+    mask = attention_mask.bool()
+    bad = (mask[:, :-1] & ~mask[:, 1:]).any(-1)  # (B,): a real token followed by padding
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{what}: prompts must be left-padded (padding first, then the prompt), but row {row} has padding "
+            f"after a real token{hint}"
+        )
 
 
 def sample_next_token(
@@ -122,6 +146,7 @@ def generate(
         )
     if eos_token_id == pad_token_id:
         raise ValueError("pad_token_id must differ from eos_token_id (otherwise EOS is masked out)")
+    check_left_padded(attention_mask)
     b, p = input_ids.shape
     device = input_ids.device
     n_new = args.max_new_tokens

@@ -16,7 +16,10 @@ Position ids default to ``attention_mask.cumsum(-1) - 1`` clamped at 0, as in th
 
 LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models") goes through ``peft.get_peft_model``:
 only the adapter weights train, and :meth:`HFCausalLM.adapter_disabled` (peft's ``disable_adapter``) gives the base
-model's outputs, which PPO uses as the reference policy instead of a second copy of the weights.
+model's outputs. A stage that trains a LoRA policy against a frozen reference (PPO) calls :func:`reference_of`: the
+trained adapter is merged into the base weights, a fresh adapter trains on top, and the reference is the merged model
+with that fresh adapter disabled, i.e. the SFT model itself, without a second copy of the weights (the pretrained base
+would be the wrong reference: KL > 0 at step 0 and a penalty pulling the policy back to before SFT).
 
 A checkpoint stores the spec (:meth:`HFCausalLM.spec`: the folder, the resolved config dict, the LoRA settings); the
 weights travel in the Lightning state dict, so :meth:`HFCausalLM.from_spec` rebuilds the same module (random init from
@@ -38,7 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrai
 
 from rlhf_lightning.models.factory import LoRAArgs
 
-__all__ = ["HFCache", "HFCausalLM", "is_hf_folder"]
+__all__ = ["AdapterDisabledView", "HFCache", "HFCausalLM", "is_hf_folder", "reference_of"]
 
 
 def is_hf_folder(path: str | Path | None) -> bool:
@@ -85,18 +88,7 @@ class HFCausalLM(nn.Module):
         self.source = str(source)
         self.lora_args = lora
         self.trust_remote_code = trust_remote_code
-        if lora is not None:
-            from peft import LoraConfig, get_peft_model
-
-            config = LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules) if lora.target_modules else None,
-                bias="none",
-            )
-            model = get_peft_model(model, config)
-        self.net = model
+        self.net = model if lora is None else _with_adapter(model, lora)
         self.net.train()  # from_pretrained returns eval mode; an nn.Module starts in train mode (stages switch it)
         self.config = self.hf_model.config
         self._gradient_checkpointing = False
@@ -207,6 +199,20 @@ class HFCausalLM(nn.Module):
         with self.net.disable_adapter():
             yield
 
+    def merge_adapter(self) -> None:
+        """Fold the trained adapter into the base weights and start a fresh adapter with the same settings.
+
+        The module computes the same function (up to the rounding of ``W + B A * alpha / r``), its parameter names
+        are unchanged (a state dict saved afterwards loads into :meth:`from_spec`'s rebuild), and the fresh adapter's
+        update is exactly zero (peft starts ``lora_B`` at 0), so :meth:`adapter_disabled` now gives the model as it
+        was when this was called instead of the pretrained base. Train mode and gradient checkpointing carry over.
+        """
+        if self.lora_args is None:
+            raise RuntimeError("merge_adapter() needs a LoRA model")
+        training = self.net.training
+        self.net = _with_adapter(self.net.merge_and_unload(), self.lora_args)
+        self.net.train(training)
+
     # ----------------------------------------------------------------------------------------------- compute
     def new_cache(
         self,
@@ -264,6 +270,20 @@ class HFCausalLM(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
 
 
+def _with_adapter(model: PreTrainedModel, lora: LoRAArgs) -> nn.Module:
+    """``model`` wrapped by peft with a new LoRA adapter (only the adapter's weights require gradients)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules) if lora.target_modules else None,
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
 def _grow_vocab(model: PreTrainedModel, vocab_size: int | None) -> None:
     """Resize the embeddings when the tokenizer has more ids than the model (e.g. an added pad token)."""
     if vocab_size is None:
@@ -278,8 +298,20 @@ def _grow_vocab(model: PreTrainedModel, vocab_size: int | None) -> None:
                     module.weight[current:] = module.weight[:current].mean(0, keepdim=True)
 
 
+def reference_of(policy: HFCausalLM) -> AdapterDisabledView:
+    """The frozen reference of a LoRA ``policy`` about to train further, with no second copy of its weights.
+
+    Merges the adapter trained so far (e.g. by SFT) into the base weights and starts a fresh one
+    (:meth:`HFCausalLM.merge_adapter`), then returns the policy with that fresh adapter switched off: the policy
+    exactly as it was when this was called, not the pretrained base. The one home of this rule for every stage that
+    trains a LoRA policy against a reference (PPO now; DPO or GRPO later).
+    """
+    policy.merge_adapter()
+    return AdapterDisabledView(policy)
+
+
 class AdapterDisabledView:
-    """The reference policy of a LoRA policy: the same module with the adapter switched off (no second copy).
+    """A LoRA policy with its adapter switched off (no second copy); build references with :func:`reference_of`.
 
     Not an ``nn.Module`` on purpose, so assigning it to a LightningModule attribute registers no parameters twice.
     Implements ``hidden_states`` / ``lm_head`` / ``config``, which is all the rollout reads from a reference.

@@ -189,6 +189,13 @@ class PPOModule(LightningModule):
         super().__init__()
         for spec in rewards.functions:  # a bad "module:function" fails here, before any training
             load_reward_function(spec)
+        # rollout log-probs are those of the full tempered distribution: the tokens must be sampled from it
+        if not generation.samples_full_distribution:
+            raise ValueError(
+                f"PPO samples from the whole distribution: got generation.top_k={generation.top_k}, "
+                f"top_p={generation.top_p}, do_sample={generation.do_sample}, whose tokens do not follow the "
+                "log-probs PPO stores and recomputes (off-policy ratios); use top_k: 0, top_p: 1.0, do_sample: true"
+            )
         self.save_hyperparameters(ignore=["policy_optimizer", "value_optimizer"])
         self.automatic_optimization = False
         self.policy_from, self.reward_from = policy_from, reward_from
@@ -211,6 +218,15 @@ class PPOModule(LightningModule):
         self._restored = False
 
     # -- weights ---------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # manual optimisation steps the raw optimizers: no GradScaler unscaling or skipping of inf steps
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise ValueError(
+                f"PPO does not support trainer.precision={precision!r}: its manual optimisation bypasses the fp16 "
+                "GradScaler; use bf16-mixed (or 32-true)"
+            )
+
     def configure_model(self) -> None:
         if self.policy is not None:
             return
@@ -481,7 +497,7 @@ class PPOModule(LightningModule):
         mask = rollout.response_mask
         n = len(rollout)
         self.log("val/score", rollout.scores.mean(), batch_size=n, prog_bar=True)
-        self.log("val/raw_score", rollout.raw_scores.mean(), batch_size=n)
+        self.log("val/score_normalised", rollout.raw_scores.mean(), batch_size=n)
         self.log("val/kl", sequence_kl(kl_k1, rollout).mean(), batch_size=n)
         self.log("val/response_len", mask.sum(1).float().mean(), batch_size=n)
         self.log("val/eos_rate", rollout.ended_with_eos.float().mean(), batch_size=n)

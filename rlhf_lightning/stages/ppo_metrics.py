@@ -3,6 +3,11 @@
 Metric keys follow ``<phase>/<quantity>``: ``rollout/*`` (scores, KL to the reference as k1 and k3, response length,
 EOS rate, advantage/return/value means), ``ppo/*`` (update statistics, KL coefficient) and ``time/*`` (seconds per
 phase and generated tokens per second). Per-sequence KL sums only valid response tokens: padding never contributes.
+
+Scores: ``rollout/score_*`` (and ``val/score``) is the shaped score that enters the reward (after running
+normalisation, clipping and the missing-EOS score); ``rollout/score_normalised_mean`` (and ``val/score_normalised``) is
+the weighted sum of the reward sources before that shaping, with the reward model's output already normalised by the
+mean/std stored in its checkpoint (``rewards.normalize``): not the reward model's raw output.
 Split out of ``stages/ppo.py`` to keep that file about the algorithm.
 """
 
@@ -36,7 +41,7 @@ def iteration_metrics(
     metrics = {
         "rollout/score_mean": rollout.scores.mean(),
         "rollout/score_std": rollout.scores.std() if len(rollout) > 1 else rollout.scores.new_zeros(()),
-        "rollout/raw_score_mean": rollout.raw_scores.mean(),
+        "rollout/score_normalised_mean": rollout.raw_scores.mean(),  # before shaping (see the module docstring)
         "rollout/kl": k1.mean(),
         "rollout/kl_k3": k3.mean(),
         "rollout/response_len": mask.sum(1).float().mean(),

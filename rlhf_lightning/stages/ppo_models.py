@@ -1,8 +1,12 @@
 """The networks of the PPO stage, loaded from stage checkpoints with dropout switched off.
 
-- policy and reference: the same SFT (or PPO) checkpoint; the reference is frozen. A LoRA policy (Hugging Face
-  backbone with a peft adapter) has no second copy: its reference is the policy with the adapter disabled
-  (``models.hf.AdapterDisabledView``), whose outputs are exactly the base model's,
+- policy and reference: the same SFT (or PPO) checkpoint; the reference is frozen (:func:`policy_and_reference`,
+  meant for every stage that trains against a reference). A LoRA policy (Hugging Face backbone with a peft adapter)
+  has no second copy: the checkpoint's adapter is merged into the base weights, a fresh adapter trains on top, and
+  the reference is the policy with that fresh adapter disabled (``models.hf.reference_of``), i.e. exactly the SFT
+  model (not the pretrained base: KL is 0 and the ratio 1 at the first minibatch). The PPO checkpoint then stores the
+  merged base weights and the PPO adapter under the same names and spec, so ``generate``, ``export`` and resume
+  rebuild the PPO policy,
 - reward model: a reward checkpoint (frozen, with its stored score mean/std for normalisation). It may use another
   tokenizer than the policy (e.g. a Hugging Face reward model): then ``reward_tokenizer`` is set and the scorer
   re-renders each decoded response with the reward model's template before scoring (``stages/rewards.py``),
@@ -67,6 +71,25 @@ def _backbone(spec: dict[str, Any]) -> nn.Module:
     return disable_dropout(model_from_spec(no_dropout_spec(spec)))
 
 
+def policy_and_reference(spec: dict[str, Any], state: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """A trainable policy and its frozen reference, both the network ``spec`` with weights ``state``, dropout off.
+
+    A LoRA policy gets no second copy: its adapter is merged and restarted and the reference is the policy with the
+    fresh adapter disabled (``models.hf.reference_of``); any other policy gets a frozen copy as the reference.
+    """
+    policy = _backbone(spec)
+    policy.load_state_dict(state)
+    if getattr(policy, "is_lora", False):
+        from rlhf_lightning.models.hf import reference_of
+
+        reference = reference_of(policy)
+        disable_dropout(policy)  # the fresh adapter has the spec's lora dropout again
+        return policy, reference
+    reference = freeze(_backbone(spec))
+    reference.load_state_dict(state)
+    return policy, reference
+
+
 @dataclass
 class PPONetworks:
     """What :func:`load_networks` returns."""
@@ -102,16 +125,7 @@ def load_networks(
     policy_state = submodule_state(
         sft["state_dict"], payload.get("policy_prefix", payload["backbone_prefix"])
     )
-    policy = _backbone(payload["model_spec"])
-    policy.load_state_dict(policy_state)
-    if getattr(policy, "is_lora", False):
-        # the base weights are frozen: disabling the adapter gives the reference
-        from rlhf_lightning.models.hf import AdapterDisabledView
-
-        reference = AdapterDisabledView(policy)
-    else:
-        reference = freeze(_backbone(payload["model_spec"]))
-        reference.load_state_dict(policy_state)
+    policy, reference = policy_and_reference(payload["model_spec"], policy_state)
     tokenizer = reconcile_tokenizers(provided_tokenizer, tokenizer_from_payload(payload), policy_from)
 
     reward_model, reward_tokenizer = None, None
@@ -150,4 +164,11 @@ def load_networks(
     )
 
 
-__all__ = ["PPONetworks", "disable_dropout", "freeze", "load_networks", "no_dropout_spec"]
+__all__ = [
+    "PPONetworks",
+    "disable_dropout",
+    "freeze",
+    "load_networks",
+    "no_dropout_spec",
+    "policy_and_reference",
+]

@@ -1,7 +1,7 @@
 """One PPO rollout: sample, score, and turn scores into advantages. No optimizer, no logging.
 
 Steps (Huang et al. 2024, arXiv 2403.17031, and ``../shared/PPO_CHECKLIST.md``):
-    1. sample responses with the KV cache at the training temperature (left-padded prompts, stop at EOS),
+    1. sample responses with the KV cache at the training temperature (left-padded prompts, checked; stop at EOS),
     2. one batched forward each for policy log-probs, reference log-probs and values over prompt + response,
        dividing logits by the same temperature as sampling,
     3. score the truncated responses (reward model at the last real token, reward functions on decoded text),
@@ -22,7 +22,7 @@ from rlhf_lightning.functional.advantages import gae
 from rlhf_lightning.functional.kl import kl_penalized_rewards
 from rlhf_lightning.functional.logprobs import logprobs_from_logits
 from rlhf_lightning.functional.masked import masked_whiten
-from rlhf_lightning.models.generation import GenerationArgs, generate
+from rlhf_lightning.models.generation import GenerationArgs, check_left_padded, generate
 from rlhf_lightning.stages.rewards import SequenceScorer
 from rlhf_lightning.types import PromptBatch, Rollout
 
@@ -105,6 +105,11 @@ def make_rollout(
 
     ``update_running_stats=False`` (evaluation) shapes scores with the running statistics without updating them.
     """
+    check_left_padded(
+        batch.attention_mask,
+        "make_rollout: PromptBatch",
+        "; a DataModule of your own must pad prompts on the left (see data/collate.collate_prompts)",
+    )
     started = time.perf_counter()
     out = generate(  # 1. sample with the KV cache; tokens after the first EOS are pad, mask False
         policy,
