@@ -170,9 +170,10 @@ COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (data, checkpoint, paths, mismatched settings), not a bug: printed in one line."""
     from rlhf_lightning.data.formats import DataFormatError
+    from rlhf_lightning.models.factory import UntrustedCodeError
     from rlhf_lightning.stages.checkpoints import CheckpointError, SetupError
 
-    return (DataFormatError, CheckpointError, SetupError, FileNotFoundError)
+    return (DataFormatError, CheckpointError, SetupError, UntrustedCodeError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -20,6 +20,11 @@ from torch import nn
 from rlhf_lightning.models.gpt import GPT, PRESETS, GPTConfig, create_model
 
 
+class UntrustedCodeError(ValueError):
+    """A stored backbone that needs its folder's own modelling code (``trust_remote_code``), which only the user's
+    own flag may allow: a checkpoint's recorded value never does."""
+
+
 @dataclass(frozen=True)
 class LoRAArgs:
     """A LoRA adapter (peft) on a Hugging Face backbone: only the adapter weights train.

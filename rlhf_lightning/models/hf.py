@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from rlhf_lightning.models.factory import LoRAArgs
+from rlhf_lightning.models.factory import LoRAArgs, UntrustedCodeError
 
 __all__ = ["HFCache", "HFCausalLM", "is_hf_folder"]
 
@@ -136,14 +136,15 @@ class HFCausalLM(nn.Module):
                 setattr(config, key, value)
         else:
             model_type = config_dict.pop("model_type")
+            config_dict.pop("auto_map", None)  # a pointer to the folder's own code: never followed untrusted
             try:
                 config = AutoConfig.for_model(model_type, **config_dict)
-            except ValueError as err:
+            except ValueError:
                 hint = " (recorded with trust_remote_code)" if spec.get("trust_remote_code") else ""
-                raise ValueError(
+                raise UntrustedCodeError(
                     f"checkpoint backbone from {spec['path']}{hint}: model type {model_type!r} is not built into "
-                    "transformers; loading it needs trust_remote_code=True from you (a checkpoint cannot turn it "
-                    f"on), only for a folder you trust ({str(err).splitlines()[0]})"
+                    "transformers; loading it needs your own trust_remote_code=True (a checkpoint cannot turn it "
+                    "on), and only for a folder you trust"
                 ) from None
         model = AutoModelForCausalLM.from_config(
             config, trust_remote_code=trust_remote_code, dtype=torch.float32
