@@ -93,13 +93,19 @@ def generate_command(args: Sequence[str]) -> None:
     parser.add_argument("--top_p", type=float, default=0.95)
     parser.add_argument("--greedy", type=bool, default=False, help="argmax decoding instead of sampling")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--trust_remote_code",
+        type=bool,
+        default=False,
+        help="run a Hugging Face backbone's own modelling code (only for folders you trust; a checkpoint never can)",
+    )
     cfg = parser.parse_args(list(args))
 
     from rlhf_lightning.models.generation import GenerationArgs
     from rlhf_lightning.stages.checkpoints import load_policy
     from rlhf_lightning.stages.sampling import sample_replies
 
-    model, tokenizer = load_policy(cfg.ckpt)
+    model, tokenizer = load_policy(cfg.ckpt, trust_remote_code=cfg.trust_remote_code)
     gen = GenerationArgs(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
@@ -164,9 +170,10 @@ COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (data, checkpoint, paths, mismatched settings), not a bug: printed in one line."""
     from rlhf_lightning.data.formats import DataFormatError
+    from rlhf_lightning.models.factory import UntrustedCodeError
     from rlhf_lightning.stages.checkpoints import CheckpointError, SetupError
 
-    return (DataFormatError, CheckpointError, SetupError, FileNotFoundError)
+    return (DataFormatError, CheckpointError, SetupError, UntrustedCodeError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,18 +1,24 @@
 """The suite's ``LightningCLI``: shared by ``rlhf-lightning fit|validate|test|predict`` and the pipeline.
 
 Defaults it adds to a plain LightningCLI: precision chosen per device when the config leaves it unset (bf16-mixed on
-CUDA GPUs that support it, 32-true elsewhere), atomic checkpoint writes, and a guard that refuses to start a fresh run
-in a checkpoint folder that already holds checkpoints.
+CUDA GPUs that support it, 32-true elsewhere), atomic checkpoint writes and ``weights_only`` reads (``--ckpt_path``
+included), and guards before training: a fresh run may not start in a checkpoint folder that already holds
+checkpoints, and every checkpoint folder must be writable (:class:`WritableCheckpointFolders`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from rlhf_lightning.stages.checkpoints import AtomicCheckpointIO, CheckpointError
+from rlhf_lightning.stages.checkpoints import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    check_writable,
+    read_checkpoint_file,
+)
 
 
 def choose_precision(
@@ -62,6 +68,22 @@ def checkpoint_dir(callback: object, trainer: object) -> Path | None:
     return Path(save_dir, str(logger.name or ""), version, "checkpoints")
 
 
+class WritableCheckpointFolders(Callback):
+    """At the start of ``fit`` (before the model is built or any step runs), check that every ``ModelCheckpoint``
+    folder can be written: an unwritable or impossible folder is a one-line :class:`CheckpointError` now instead of
+    a traceback at the first save, an epoch later. Every :class:`RLHFLightningCLI` trainer (``fit``, pipeline) has
+    one."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                folder = checkpoint_dir(callback, trainer)
+                if folder is not None and "://" not in str(folder):
+                    check_writable(folder)
+
+
 class LoggedSaveConfigCallback(SaveConfigCallback):
     """Writes ``config.yaml`` to the log folder (as Lightning does) and also sends the whole resolved config to every
     logger, so a W&B run (or TensorBoard's hparams) shows exactly what was run, not only the module's arguments."""
@@ -77,6 +99,13 @@ class RLHFLightningCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", LoggedSaveConfigCallback)
+        defaults = dict(kwargs.get("trainer_defaults") or {})
+        extra = defaults.get("callbacks") or []
+        defaults["callbacks"] = [
+            *(extra if isinstance(extra, list) else [extra]),
+            WritableCheckpointFolders(),
+        ]
+        kwargs["trainer_defaults"] = defaults
         super().__init__(*args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
@@ -89,6 +118,15 @@ class RLHFLightningCLI(LightningCLI):
         if not config["trainer"].get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         return super().instantiate_trainer(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Read ``--ckpt_path`` through the suite's safe loader first, so a refused or unreadable file ends in one
+        :class:`CheckpointError` line instead of an unpickling traceback from LightningCLI's own read."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and "://" not in str(ckpt_path) and Path(ckpt_path).is_file():
+            read_checkpoint_file(ckpt_path, mmap=True)  # mmap: the tensors are mapped, not read
+        super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         """Refuse a fresh run (no ``--ckpt_path``) whose checkpoint folder already holds checkpoints."""

@@ -158,13 +158,13 @@ def test_gradient_checkpointing_same_grads() -> None:
         torch.testing.assert_close(a, b)
 
 
-def test_small_preset_forward_backward_is_cpu_friendly() -> None:
-    """One (8, 256) forward/backward of the "small" preset stays well under a few seconds on 2 CPU cores."""
-    import time
-
+def test_small_preset_is_the_cpu_sized_model_it_claims_and_trains() -> None:
+    """The "small" preset keeps the size its comment promises (~3.2M non-embedding parameters, CPU-sized) and one
+    forward/backward reaches every parameter with finite gradients. Speed is measured in benchmarks/, not here."""
     torch.manual_seed(0)
     m = create_model("small", vocab_size=4096)
-    ids = torch.randint(0, 4096, (8, 256))
-    start = time.perf_counter()
-    m(ids).logsumexp(-1).mean().backward()
-    assert time.perf_counter() - start < 10.0
+    non_embedding = sum(p.numel() for p in m.parameters()) - m.wte.weight.numel()
+    assert 3_000_000 < non_embedding < 3_500_000
+    m(torch.randint(0, 4096, (2, 32))).logsumexp(-1).mean().backward()
+    for name, param in m.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name

@@ -20,6 +20,11 @@ from torch import nn
 from rlhf_lightning.models.gpt import GPT, PRESETS, GPTConfig, create_model
 
 
+class UntrustedCodeError(ValueError):
+    """A stored backbone that needs its folder's own modelling code (``trust_remote_code``), which only the user's
+    own flag may allow: a checkpoint's recorded value never does."""
+
+
 @dataclass(frozen=True)
 class LoRAArgs:
     """A LoRA adapter (peft) on a Hugging Face backbone: only the adapter weights train.
@@ -117,12 +122,16 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     raise TypeError(f"cannot describe a backbone of type {type(model).__name__}")
 
 
-def model_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild (random-initialised) the network described by :func:`model_spec`."""
+def model_from_spec(spec: dict[str, Any], *, trust_remote_code: bool = False) -> nn.Module:
+    """Rebuild (random-initialised) the network described by :func:`model_spec`.
+
+    ``trust_remote_code`` is the caller's (the user's) own flag: a ``trust_remote_code`` recorded in the spec, which
+    comes from a checkpoint file, never turns on a folder's own modelling code.
+    """
     if spec.get("kind") == "hf":
         from rlhf_lightning.models.hf import HFCausalLM
 
-        return HFCausalLM.from_spec(spec)
+        return HFCausalLM.from_spec(spec, trust_remote_code=trust_remote_code)
     if spec.get("kind") != "builtin":
         raise ValueError(f"unknown backbone kind {spec.get('kind')!r} in checkpoint")
     return GPT(GPTConfig(**spec["config"]))

@@ -108,7 +108,7 @@ class GPTConfig:
 PRESETS: dict[str, dict] = {
     # Unit tests: a few milliseconds per forward.
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, max_seq_len=256),
-    # A 2-core CPU: ~3.4M non-embedding parameters; SFT on ~300 conversations of ~200 tokens in a few minutes.
+    # A 2-core CPU: ~3.2M non-embedding parameters; SFT on ~300 conversations of ~200 tokens in a few minutes.
     "small": dict(n_layer=4, n_head=4, n_embd=256, max_seq_len=512),
     # GPT-2 small scale (~85M non-embedding, ~125M with a 50k vocab).
     "medium": dict(n_layer=12, n_head=12, n_embd=768, max_seq_len=1024),

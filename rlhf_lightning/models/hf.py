@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from rlhf_lightning.models.factory import LoRAArgs
+from rlhf_lightning.models.factory import LoRAArgs, UntrustedCodeError
 
 __all__ = ["AdapterDisabledView", "HFCache", "HFCausalLM", "is_hf_folder", "reference_of"]
 
@@ -74,7 +74,8 @@ class HFCausalLM(nn.Module):
         model: the loaded ``PreTrainedModel`` (``*ForCausalLM``).
         source: the folder it came from (stored in the spec; export copies nothing else from it).
         lora: LoRA settings; None trains every weight.
-        trust_remote_code: recorded so a rebuild from the spec may run the folder's own modelling code.
+        trust_remote_code: whether the folder's own modelling code was run (recorded in the spec for information:
+            a rebuild from the spec runs such code only when its caller passes ``trust_remote_code=True``).
     """
 
     def __init__(
@@ -114,21 +115,38 @@ class HFCausalLM(nn.Module):
         return cls(model, str(path), lora=lora, trust_remote_code=trust_remote_code)
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> HFCausalLM:
-        """Rebuild (random-initialised) the module described by :meth:`spec`; load the state dict afterwards."""
+    def from_spec(cls, spec: dict[str, Any], *, trust_remote_code: bool = False) -> HFCausalLM:
+        """Rebuild (random-initialised) the module described by :meth:`spec`; load the state dict afterwards.
+
+        Only the caller's ``trust_remote_code`` (the user's flag) runs the folder's own code; the spec's recorded
+        value is read from a checkpoint file and is never honoured. A custom architecture then fails in one line.
+        """
         config_dict = dict(spec["config"])
-        trust = bool(spec.get("trust_remote_code", False))
-        if trust:
+        if trust_remote_code:
             config = AutoConfig.from_pretrained(spec["path"], local_files_only=True, trust_remote_code=True)
             for key, value in config_dict.items():
                 setattr(config, key, value)
         else:
             model_type = config_dict.pop("model_type")
-            config = AutoConfig.for_model(model_type, **config_dict)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, dtype=torch.float32)
+            config_dict.pop("auto_map", None)  # a pointer to the folder's own code: never followed untrusted
+            try:
+                config = AutoConfig.for_model(model_type, **config_dict)
+            except ValueError:
+                hint = " (recorded with trust_remote_code)" if spec.get("trust_remote_code") else ""
+                raise UntrustedCodeError(
+                    f"checkpoint backbone from {spec['path']}{hint}: model type {model_type!r} is not built into "
+                    "transformers; loading it needs your own trust_remote_code=True (a checkpoint cannot turn it "
+                    "on), and only for a folder you trust"
+                ) from None
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=trust_remote_code, dtype=torch.float32
+        )
         lora = spec.get("lora")
         return cls(
-            model, spec["path"], lora=None if lora is None else LoRAArgs(**lora), trust_remote_code=trust
+            model,
+            spec["path"],
+            lora=None if lora is None else LoRAArgs(**lora),
+            trust_remote_code=trust_remote_code,
         )
 
     def spec(self) -> dict[str, Any]:
