@@ -101,8 +101,8 @@ def left_truncate(
     2. a leading system message plus the messages from the earliest user/system turn ``k`` on whose rendering fits
        (oldest whole turns dropped first; a restart at an assistant turn would read as a reply with no question);
     3. else, from the latest such restart (or the first message after the leading system message), the oldest
-       tokens of the first kept message's content, then of the next messages' (a message whose content runs out is
-       dropped, the last one never): the end of the latest turns is more context than nothing;
+       tokens of the first kept message's content, then of the next messages' (a message whose content runs out
+       stays as an empty turn; the last one must keep a token): the end of the latest turns beats no context;
     4. else, the same without the leading system message (it alone leaves no room).
 
     Args:
@@ -178,25 +178,27 @@ def _trim_front(
     max_length: int,
     render: Callable[[list[Message]], tuple[list[int], list[bool]]],
 ) -> Rendered | None:
-    """``head`` + ``rest`` with the fewest oldest content tokens of ``rest`` dropped so that the rendering fits."""
-    while rest:
-        content = rest[0]["content"]
+    """``head`` + ``rest`` with the fewest oldest content tokens of ``rest`` dropped so that the rendering fits.
+
+    A message whose content runs out stays as an empty turn (templates that check role order still render it).
+    """
+    kept = [*head, *rest]
+    for i in range(len(head), len(kept)):
+        content = kept[i]["content"]
         content_ids = tok.encode(content)
         drop = 0
         while drop < len(content_ids):
             tail = tok.decode(content_ids[drop:], skip_special_tokens=False) if drop else content
             if not content.endswith(
                 tail
-            ):  # a cut inside a character or a decoder's clean-up: keep as many chars
+            ):  # cut inside a character, or a decoder's clean-up: keep as many chars
                 tail = content[len(content) - len(tail) :]
-            kept = [*head, {**rest[0], "content": tail}, *rest[1:]]
+            kept[i] = {**kept[i], "content": tail}
             ids, mask = render(kept)
             if len(ids) <= max_length:
                 return kept, ids, mask
             drop += len(ids) - max_length
-        if len(rest) == 1:
-            return None
-        rest = rest[1:]
+        kept[i] = {**kept[i], "content": ""}
     return None
 
 
