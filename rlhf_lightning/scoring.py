@@ -30,7 +30,7 @@ import torch
 
 from rlhf_lightning.data.collate import collate_scoring
 from rlhf_lightning.data.formats import DataFormatError, parse_conversation, read_jsonl
-from rlhf_lightning.data.sft import left_truncate
+from rlhf_lightning.data.sft import render_conversations
 from rlhf_lightning.models.heads import RewardModel
 from rlhf_lightning.stages.reward import load_reward_model
 from rlhf_lightning.tokenization import ChatTokenizer
@@ -74,14 +74,7 @@ def score_conversations(
     if max_length is None:
         max_length = getattr(getattr(model.backbone, "config", None), "max_seq_len", None)
     device = next(model.parameters()).device
-    encoded, truncated = [], 0
-    for messages in conversations:
-        ids, mask = tokenizer.render(messages)
-        if max_length is not None and len(ids) > max_length:
-            truncated += 1
-            roles = [m["role"] for m in messages]
-            ids, _ = left_truncate(ids, mask, max_length, roles, tokenizer.eos_id)
-        encoded.append(ids)
+    encoded, truncated = render_conversations(tokenizer, conversations, max_length, what="score")
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: least padding
     scores = torch.zeros(len(encoded), dtype=torch.float32)
     for start in range(0, len(order), batch_size):

@@ -14,6 +14,9 @@ Choices:
   a token is in the mask when its character offsets overlap a span. So the mask covers the reply and whatever the
   template writes to close the turn (EOS, ``<|im_end|>\\n``, ...), never the role header. A template whose rendering of
   a prefix is not a prefix of the whole conversation (e.g. one that rewrites earlier turns) raises ``ValueError``.
+* ``render`` ends at the last EOS (the final turn's): text a template writes after it (ChatML's ``"\\n"``) is
+  dropped. One rule for every path: a reward model is trained, scored (``rlhf-lightning score``) and used by PPO (whose
+  rollouts stop at EOS) reading its score at the reply's EOS, and SFT trains on what generation produces.
 * Pad: the tokenizer's own pad token when it is not EOS; else its UNK token when that is not EOS; else a new
   ``<|pad|>`` special token is added (``vocab_size`` grows by one and ``models.hf`` grows the embeddings to match; the
   new row is never trained because padding is masked everywhere). Pad is never EOS: masks are built from lengths,
@@ -57,6 +60,14 @@ def is_hf_tokenizer_folder(path: str | Path | None) -> bool:
     if path is None or not Path(path).is_dir():
         return False
     return any((Path(path) / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
+
+
+def _end_at_last_eos(ids: Sequence[int], eos_id: int) -> int:
+    """Length of ``ids`` up to and including its last ``eos_id`` (all of ``ids`` when there is none)."""
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] == eos_id:
+            return i + 1
+    return len(ids)
 
 
 class HFChatTokenizer:
@@ -123,7 +134,12 @@ class HFChatTokenizer:
         )
 
     def render(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
-        """Token ids of the templated conversation and the assistant mask (reply tokens + the turn's closing tokens)."""
+        """Token ids of the templated conversation and the assistant mask (reply tokens + the turn's closing tokens).
+
+        The ids end at the last EOS: what the template writes after it (ChatML's ``"\\n"``) is dropped, so a
+        conversation renders exactly as a rollout of it ends (generation stops at EOS) and a reward model reads its
+        score at the reply's EOS in training, in ``rlhf-lightning score`` and in PPO alike.
+        """
         text = self._template(messages, False)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
@@ -140,7 +156,8 @@ class HFChatTokenizer:
                 )
             spans.append((len(head), len(whole)))
         mask = [any(s < end and e > start for start, end in spans) for s, e in offsets]
-        return ids, mask
+        end = _end_at_last_eos(ids, self.eos_id)
+        return ids[:end], mask[:end]
 
     def render_prompt(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of the prompt messages followed by the template's generation prompt (assistant header)."""

@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face model folders for tests: a Llama-style and a GPT-2-style model with their own tokenizers.
+"""Tiny random Hugging Face model folders for tests: a Llama-style and a GPT-2-style (ChatML template) model with their
+own tokenizers, and a tokenizer-only folder with a Qwen-style template that inserts a default system prompt.
 
 Everything is built from configs and saved to temporary folders; nothing is downloaded.
 """
@@ -18,6 +19,15 @@ LLAMA_TEMPLATE = (
 CHATML_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Qwen-style: ChatML turns closed by <|im_end|> (the EOS), and a default system prompt when none is given
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+QWEN_TEMPLATE = (
+    "{% if not messages or messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 
@@ -110,5 +120,21 @@ def make_gpt2_folder(path: Path) -> Path:
 
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_qwen_tokenizer_folder(path: Path) -> Path:
+    """Tokenizer files only: a BPE with ``<|im_end|>`` as EOS, ``<|endoftext|>`` as pad and :data:`QWEN_TEMPLATE`."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = _bpe(360, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = QWEN_TEMPLATE
     tok.save_pretrained(path)
     return path

@@ -94,9 +94,14 @@ def test_truncation_counts_and_policies(make_dm, repo_root, tiny_tokenizer, poli
     if policy == "left":
         assert s["truncated"] == too_long and s["dropped"] == 0 and s["train_examples"] == 300
         tok = dm.tokenizer
+        roles = set(tok.role_ids.values())
         for full, (ids, mask) in zip(renders, dm.train_dataset):
-            assert ids[0] == tok.bos_id
-            assert ids[1:] == full[len(full) - len(ids) + 1 :]  # a suffix: the final assistant reply survives
+            assert ids[0] == tok.bos_id and ids[1] in roles  # kept turns start at a header, never mid-turn
+            last = len(ids) - max(i for i, t in enumerate(ids) if t in roles)
+            assert (
+                ids[-last] == tok.role_ids["assistant"]
+            )  # the final assistant turn survives (its end, when it
+            assert ids[1 - last :] == full[1 - last :]  # alone is too long)
             assert mask[-1] and ids[-1] == tok.eos_id
     elif policy == "right":
         no_reply_left = sum(
@@ -140,10 +145,11 @@ def test_left_truncate_drops_whole_turns_first(tiny_tokenizer):
         {"role": "user", "content": "second"},
         {"role": "assistant", "content": "reply"},
     ]
-    ids, mask = tok.render(msgs)
     want, want_mask = tok.render(msgs[2:])
-    out, out_mask = left_truncate(ids, mask, len(want) + 3, [m["role"] for m in msgs], tok.eos_id)
-    assert out == want and out_mask == want_mask  # restarts at the user turn, not mid-turn
+    kept, out, out_mask = left_truncate(tok, msgs, len(want) + 3)
+    assert (
+        kept == msgs[2:] and out == want and out_mask == want_mask
+    )  # restarts at the user turn, not mid-turn
 
 
 def test_val_split_is_deterministic_by_seed(make_dm):

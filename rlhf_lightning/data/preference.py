@@ -6,10 +6,14 @@ every message on its own, so the prompt is tokenized once and the two replies ar
 
 Choices:
 
+* The score position: every sequence ends at the reply's EOS (the tokenizers' ``render`` drops what a template
+  writes after the last EOS, e.g. ChatML's ``"\\n"``), the token the reward model reads its score at here, in
+  ``rlhf-lightning score`` and in PPO (whose rollouts stop at EOS).
 * Truncation keeps the replies whole: the reward model reads its score at the last real token, so cutting the end
-  of a reply would score text nobody wrote. ``left`` (default) shortens the shared prompt (oldest whole turns first,
-  then tokens; ``<|bos|>`` stays) until the longer reply fits, identically for chosen and rejected; a pair whose
-  longer reply alone leaves no room for one prompt token is dropped. ``right`` cuts each sequence's end (dropped if
+  of a reply would score text nobody wrote. ``left`` (default) shortens the shared prompt messages
+  (``data.sft.left_truncate``: oldest whole turns first, then the oldest tokens of the latest question; the
+  template's preamble and a leading system message stay) until the longer reply fits, and renders the kept prompt
+  with each reply again, identically for chosen and rejected; a pair whose longer reply leaves no room is dropped. ``right`` cuts each sequence's end (dropped if
   no reply token is left), ``drop`` drops long pairs. Counts are logged and kept in ``.stats``.
 * ``val_path`` defaults to the shipped held-out preference file; with ``val_path=None`` a seeded ``val_fraction`` of
   the train rows is held out. ``test_dataloader`` reads ``test_path`` (or the validation data).
@@ -38,6 +42,7 @@ from rlhf_lightning.data.sft import (
     check_loader_args,
     left_truncate,
     load_checked,
+    render_conversations,
     split_rows,
     world_size_and_rank,
 )
@@ -78,12 +83,21 @@ def encode_pair(
         if len(prompt) >= max_length:
             return [], [], "dropped"
         return (prompt + chosen)[:max_length], (prompt + rejected)[:max_length], "truncated"
-    budget = max_length - longest
-    if budget < 2:  # <|bos|> and at least one prompt token
+    # shorten the prompt messages until their generation prompt leaves room for the longer reply, then render the
+    # kept prompt with each reply again: both sequences are exactly the template's rendering of what is kept
+    kept = (
+        left_truncate(tok, pair.prompt, max_length - longest, prompt=True) if longest < max_length else None
+    )
+    if kept is None:
         return [], [], "dropped"
-    roles = [m["role"] for m in pair.prompt]
-    cut, _ = left_truncate(prompt, [False] * len(prompt), budget, roles, tok.eos_id)
-    return cut + chosen, cut + rejected, "truncated"
+    kept_prompt, prompt, _ = kept
+    chosen = _reply_ids(tok, kept_prompt, pair.chosen, prompt)
+    rejected = _reply_ids(tok, kept_prompt, pair.rejected, prompt)
+    if (
+        len(prompt) + max(len(chosen), len(rejected)) > max_length
+    ):  # a template whose replies depend on the prompt
+        return [], [], "dropped"
+    return prompt + chosen, prompt + rejected, "truncated"
 
 
 def _reply_ids(tok: ChatTokenizer, prompt: list, reply: list, prompt_ids: list[int]) -> list[int]:
@@ -316,16 +330,9 @@ class PreferenceDataModule(ChatDataModule):
         convs, skipped = load_checked(
             self.predict_path, parse_conversation, skip_bad=self.skip_bad_rows, what="predict"
         )
-        tok = self.tokenizer
-        ids_list, truncated = [], 0
-        for conv in convs:
-            ids, mask = tok.render(conv.messages)
-            if len(ids) > self.max_length:
-                truncated += 1
-                ids, _ = left_truncate(
-                    ids, mask, self.max_length, [m["role"] for m in conv.messages], tok.eos_id
-                )
-            ids_list.append(ids)
+        ids_list, truncated = render_conversations(
+            self.tokenizer, [c.messages for c in convs], self.max_length, what=str(self.predict_path)
+        )
         if truncated:
             log.warning("predict data: %d of %d conversation(s) left-truncated", truncated, len(convs))
         self.predict_dataset = ScoringDataset(ids_list, [{"messages": c.messages} for c in convs])

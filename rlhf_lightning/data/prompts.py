@@ -14,8 +14,10 @@ Choices:
   which runs for the batch handed to ``training_step``, so the loader's prefetching does not count), and its
   ``state_dict`` (epoch, batch in epoch, batches consumed) goes into every checkpoint. A resumed run starts the
   stream at exactly the next unseen batch. Manual loops call :meth:`PromptDataModule.mark_consumed` themselves.
-* Prompts longer than ``max_prompt_length`` keep their end (left truncation: oldest whole turns first, then
-  tokens; ``<|bos|>`` and the assistant header stay), so the question being answered survives. Counts are logged.
+* Prompts longer than ``max_prompt_length`` keep their end (``data.sft.left_truncate``: oldest whole turns first,
+  then the oldest tokens of the latest question; the template's preamble, a leading system message and the assistant
+  header stay), so the question being answered survives; a prompt of which not even that fits is dropped. Counts
+  are logged.
 * Random batches by default (``bucket_by_length=False``): batch composition in PPO affects advantage whitening and
   the KL controller, so it is not tied to prompt length unless asked for.
 * Validation prompts (``val_path``, or a seeded ``val_fraction`` of the train rows) come in file order, finite.
@@ -205,24 +207,24 @@ class PromptDataModule(ChatDataModule):
         return module
 
     def _render(self, rows: list[PromptRow], counts: dict[str, int]) -> PromptDataset:
-        tok = self.tokenizer
-        ids_list = []
+        ids_list, kept_rows = [], []
         for row in rows:
-            ids = tok.render_prompt(row.messages)
-            if len(ids) > self.max_prompt_length:
-                counts["truncated"] += 1
-                roles = [m["role"] for m in row.messages]
-                ids, _ = left_truncate(ids, [False] * len(ids), self.max_prompt_length, roles, tok.eos_id)
-            counts["tokens"] += len(ids)
-            ids_list.append(ids)
-        return PromptDataset(ids_list, [{"prompt": r.messages, **r.extra} for r in rows])
+            kept = left_truncate(self.tokenizer, row.messages, self.max_prompt_length, prompt=True)
+            if kept is None:  # not even the end of the last message fits after the template's preamble
+                counts["dropped"] += 1
+                continue
+            counts["truncated"] += kept[0] != row.messages
+            counts["tokens"] += len(kept[1])
+            ids_list.append(kept[1])
+            kept_rows.append({"prompt": row.messages, **row.extra})
+        return PromptDataset(ids_list, kept_rows)
 
     def setup(self, stage: str | None = None) -> None:
         """Parse, validate, render and truncate the prompts (once); fill ``.stats``."""
         if self.train_dataset is not None:
             return
         train, val, skipped = self._read()
-        counts = {"truncated": 0, "tokens": 0}
+        counts = {"truncated": 0, "dropped": 0, "tokens": 0}
         self.train_dataset = self._render(train, counts)
         self.val_dataset = self._render(val, counts)
         if self.ptx_path is not None:
@@ -234,17 +236,17 @@ class PromptDataModule(ChatDataModule):
         self.stats = {
             "rows": len(train) + len(val),
             "skipped": skipped,
-            "dropped": 0,
             **counts,
-            "train_prompts": len(train),
-            "val_prompts": len(val),
+            "train_prompts": len(self.train_dataset),
+            "val_prompts": len(self.val_dataset),
         }
-        if counts["truncated"]:
+        if counts["truncated"] or counts["dropped"]:
             log.warning(
-                "prompt data: %d of %d prompt(s) longer than max_prompt_length=%d were left-truncated",
+                "prompt data: %d of %d prompt(s) longer than max_prompt_length=%d were left-truncated, %d dropped",
                 counts["truncated"],
                 self.stats["rows"],
                 self.max_prompt_length,
+                counts["dropped"],
             )
 
     # ---------------------------------------------------------------------------------------- position

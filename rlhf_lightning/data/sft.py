@@ -11,11 +11,12 @@ Choices:
 
 * Errors come before training: ``setup()`` (and the cheaper ``validate_inputs()``) parse every row and raise the
   ``DataFormatError`` that names file, line and field; ``skip_bad_rows=True`` skips and counts instead.
-* Left truncation (default) drops the oldest whole turns first (restarting at a user/system turn) and cuts tokens
-  from the front when no such restart fits; ``<|bos|>`` always stays first and the
-  final assistant reply (with its ``<|eos|>``) is always kept. ``right`` cuts the end, ``drop`` drops long rows.
-  Examples left with no assistant token (possible with ``right``) are dropped. Counts are logged as one warning and
-  kept in ``.stats``.
+* Left truncation (default, :func:`left_truncate`) works on messages and re-renders what it keeps, so it is exact
+  for any chat template: it drops the oldest whole turns first (restarting at a user/system turn, a leading system
+  message kept) and trims the oldest content tokens when no such restart fits; the end of the final assistant reply
+  (with its EOS) is always kept, and the template's own preamble (BOS, a default system prompt) always stays.
+  ``right`` cuts the end, ``drop`` drops long rows. Examples left with no assistant token (possible with ``right``)
+  are dropped. Counts are logged as one warning and kept in ``.stats``.
 * The validation split (when no ``val_path``) is a seeded permutation of the parsed rows, independent of the tokenizer.
 * Training batches come from :class:`~rlhf_lightning.data.sampling.LengthBucketBatchSampler` (on the shipped HH data
   it cuts padding from ~58% to ~3%); validation batches are the examples sorted longest first, unshuffled, through a
@@ -40,6 +41,7 @@ from rlhf_lightning.data.base import ChatDataModule
 from rlhf_lightning.data.collate import collate_sft
 from rlhf_lightning.data.formats import Conversation, load_rows, parse_conversation
 from rlhf_lightning.data.sampling import LengthBucketBatchSampler
+from rlhf_lightning.types import Message
 
 if TYPE_CHECKING:
     from rlhf_lightning.tokenization import ChatTokenizer
@@ -83,36 +85,121 @@ def split_rows(rows: Sequence[T], val_fraction: float, seed: int) -> tuple[list[
     ]
 
 
-def block_starts(ids: Sequence[int], eos_id: int) -> list[int]:
-    """Start position of every message block of a rendered sequence ``<|bos|> (<|role|> content <|eos|>)*``.
-
-    Content never holds special tokens (the tokenizer encodes text as plain text), so every ``<|eos|>`` closes a
-    block; a trailing ``<|assistant|>`` header (``render_prompt``) is one more block.
-    """
-    starts = [1] if len(ids) > 1 else []
-    starts += [i + 1 for i, t in enumerate(ids) if t == eos_id and i + 1 < len(ids)]
-    return starts
+Rendered = tuple[list[Message], list[int], list[bool]]
 
 
 def left_truncate(
-    ids: list[int], mask: list[bool], max_length: int, roles: Sequence[str], eos_id: int
-) -> tuple[list[int], list[bool]]:
-    """Shorten a rendered sequence to ``max_length`` from the left, keeping ``<|bos|>`` and the end.
+    tok: ChatTokenizer, messages: Sequence[Message], max_length: int, *, prompt: bool = False
+) -> Rendered | None:
+    """Shorten a conversation from the left until its rendering fits ``max_length`` tokens; keep its end.
 
-    Drops the oldest whole message blocks first, restarting only at a block whose role (``roles[k]`` for block
-    ``k``) is ``user`` or ``system``, so the kept part reads as a conversation; when no such restart fits, keeps
-    ``<|bos|>`` plus the last ``max_length - 1`` tokens (the tail of the latest turns: more context than an
-    assistant reply with no question). ``mask`` is cut the same way. A trailing block beyond ``roles`` (the
-    ``<|assistant|>`` header of ``render_prompt``) is never a restart point.
+    Works on messages, never on assumed token positions, so it is right for any chat template (BOS or none, ChatML
+    headers, a default system prompt the template inserts): every candidate is rendered by the tokenizer itself, and
+    the result is exactly the rendering of the kept messages. In order:
+
+    1. the whole conversation, if it fits;
+    2. a leading system message plus the messages from the earliest user/system turn ``k`` on whose rendering fits
+       (oldest whole turns dropped first; a restart at an assistant turn would read as a reply with no question);
+    3. else, from the latest such restart (or the first message after the leading system message), the oldest
+       tokens of the first kept message's content, then of the next messages' (a message whose content runs out
+       stays as an empty turn; the last one must keep a token): the end of the latest turns beats no context;
+    4. else, the same without the leading system message (it alone leaves no room).
+
+    Args:
+        tok: the tokenizer (``render``, ``render_prompt``, ``encode``, ``decode``).
+        messages: the conversation.
+        max_length: the longest rendering, in tokens.
+        prompt: render with ``render_prompt`` (a generation prompt: ends in the assistant header; mask all False)
+            instead of ``render``.
+
+    Returns ``(kept_messages, ids, mask)``, or None when not even a shortened last message fits.
     """
-    n = len(ids)
-    if n <= max_length:
-        return ids, mask
-    for k, s in enumerate(block_starts(ids, eos_id)):
-        if 0 < k < len(roles) and roles[k] != "assistant" and 1 + n - s <= max_length:
-            return ids[:1] + ids[s:], mask[:1] + mask[s:]
-    keep = max_length - 1
-    return ids[:1] + ids[n - keep :], mask[:1] + mask[n - keep :]
+
+    def render(msgs: list[Message]) -> tuple[list[int], list[bool]]:
+        if prompt:
+            ids = tok.render_prompt(msgs)
+            return ids, [False] * len(ids)
+        return tok.render(msgs)
+
+    messages = list(messages)
+    ids, mask = render(messages)
+    if len(ids) <= max_length:
+        return messages, ids, mask
+    lead = messages[:1] if messages and messages[0]["role"] == "system" else []
+    restarts = [k for k in range(len(lead) + 1, len(messages)) if messages[k]["role"] != "assistant"]
+    # binary search for the earliest restart that fits (the kept length shrinks as k grows)
+    lo, hi, best = 0, len(restarts) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        kept = lead + messages[restarts[mid] :]
+        ids, mask = render(kept)
+        if len(ids) <= max_length:
+            best, hi = (kept, ids, mask), mid - 1
+        else:
+            lo = mid + 1
+    if best is not None:
+        return best
+    rest = messages[restarts[-1] if restarts else len(lead) :]
+    for head in (lead, []) if lead else ([],):
+        out = _trim_front(tok, head, rest, max_length, render)
+        if out is not None:
+            return out
+    return None
+
+
+def render_conversations(
+    tok: ChatTokenizer, conversations: Sequence[Sequence[Message]], max_length: int | None, what: str
+) -> tuple[list[list[int]], int]:
+    """Render conversations to score, each left-truncated to ``max_length`` (None = no limit).
+
+    Returns the id lists and how many were truncated; a conversation of which nothing fits raises ``ValueError``
+    naming ``what`` and its index.
+    """
+    out, truncated = [], 0
+    for i, messages in enumerate(conversations):
+        if max_length is None:
+            out.append(tok.render(messages)[0])
+            continue
+        kept = left_truncate(tok, messages, max_length)
+        if kept is None:
+            raise ValueError(
+                f"{what}: conversation {i} does not fit in max_length={max_length} tokens even cut to the end of its "
+                "last message; expected a larger max_length"
+            )
+        truncated += kept[0] != list(messages)
+        out.append(kept[1])
+    return out, truncated
+
+
+def _trim_front(
+    tok: ChatTokenizer,
+    head: list[Message],
+    rest: list[Message],
+    max_length: int,
+    render: Callable[[list[Message]], tuple[list[int], list[bool]]],
+) -> Rendered | None:
+    """``head`` + ``rest`` with the fewest oldest content tokens of ``rest`` dropped so that the rendering fits.
+
+    A message whose content runs out stays as an empty turn (templates that check role order still render it).
+    """
+    kept = [*head, *rest]
+    for i in range(len(head), len(kept)):
+        content = kept[i]["content"]
+        content_ids = tok.encode(content)
+        drop = 0
+        while drop < len(content_ids):
+            tail = tok.decode(content_ids[drop:], skip_special_tokens=False) if drop else content
+            if not content.endswith(
+                tail
+            ):  # cut inside a character, or a decoder's clean-up: keep as many chars
+                tail = content[len(content) - len(tail) :]
+            kept[i] = {**kept[i], "content": tail}
+            ids, mask = render(kept)
+            if len(ids) <= max_length:
+                return kept, ids, mask
+            drop += len(ids) - max_length
+        kept[i] = {**kept[i], "content": ""}
+    return None
 
 
 def check_loader_args(max_length: int, batch_size: int, val_fraction: float, num_workers: int) -> None:
@@ -251,8 +338,11 @@ class SFTDataModule(ChatDataModule):
                     continue
                 counts["truncated"] += 1
                 if self.truncation == "left":
-                    roles = [m["role"] for m in conv.messages]
-                    ids, mask = left_truncate(ids, mask, self.max_length, roles, tok.eos_id)
+                    kept = left_truncate(tok, conv.messages, self.max_length)
+                    if kept is None:
+                        counts["dropped"] += 1
+                        continue
+                    _, ids, mask = kept
                 else:
                     ids, mask = ids[: self.max_length], mask[: self.max_length]
             if not any(mask):
