@@ -367,15 +367,25 @@ def test_recomputed_logprobs_use_the_sampling_temperature(
     assert abs(stats["ratio_mean"].item() - 1.0) > 1e-3
 
 
-def test_sampling_seeds_differ_per_rank():
-    seeds = [rank_seed(123, rank) for rank in range(8)]
-    assert seeds[0] == 123 and len(set(seeds)) == 8
-    draws = {
-        tuple(torch.randint(0, 10**6, (4,), generator=torch.Generator().manual_seed(s)).tolist())
-        for s in seeds
-    }
-    assert len(draws) == 8
-    assert rank_seed(0, 1) != rank_seed(1, 0)
+def test_sampling_seeds_differ_per_rank(sft_checkpoint, reward_checkpoint, tiny_tokenizer, prompt_batch):
+    """Two data-parallel ranks seeded by on_fit_start sample different replies to the same prompts; the same rank
+    twice samples the same ones."""
+    from unittest import mock
+
+    assert rank_seed(123, 0) == 123 and rank_seed(0, 1) != rank_seed(1, 0)
+    replies = []
+    for rank in (0, 1, 1):
+        module = _ppo(sft_checkpoint, reward_checkpoint, tiny_tokenizer.source)
+        module.rewards = dataclasses.replace(module.rewards, calibration_samples=0)  # no trainer here
+        with (
+            mock.patch.object(PPOModule, "global_rank", new_callable=mock.PropertyMock, return_value=rank),
+            mock.patch.object(PPOModule, "trainer", new_callable=mock.PropertyMock, return_value=None),
+        ):
+            module.on_fit_start()
+        rollout, _ = module._rollout(prompt_batch)
+        replies.append(rollout.response_ids)
+    assert not torch.equal(replies[0], replies[1])
+    assert torch.equal(replies[1], replies[2])
 
 
 def test_dropout_is_off_in_every_network(sft_checkpoint, reward_checkpoint, tiny_tokenizer, prompt_batch):
@@ -594,7 +604,11 @@ def test_calibration_runs_when_ppo_starts_is_stored_and_never_redone_on_resume(
     assert module.reward_model.score_mean.item() == pytest.approx(stats.mean)
     path = tmp_path / "one.ckpt"
     trainer.save_checkpoint(path)
-    assert torch.load(path, weights_only=False)[PAYLOAD_KEY]["score_stats"]["mean"] == stats.mean
+    saved = torch.load(path, weights_only=True)
+    assert saved[PAYLOAD_KEY]["score_stats"]["mean"] == stats.mean
+    # the frozen networks are rebuilt from policy_from / reward_from, never stored (resume still loads strictly)
+    assert not any(k.startswith(("reference.", "reward_model.")) for k in saved["state_dict"])
+    assert any(k.startswith("policy.") for k in saved["state_dict"])
     resumed = _ppo(sft_checkpoint, reward_checkpoint, tiny_tokenizer.source, build=False, rewards=rewards)
     calls = []
     resumed.calibrate_scores = lambda prompts: calls.append(prompts)

@@ -75,7 +75,11 @@ def test_first_iteration_has_ratio_one_and_zero_kl(sft_checkpoint, tiny_tokenize
     module.generator.manual_seed(0)
     rollout, _ = module._rollout(_first_batch(tiny_tokenizer.source))
     mask = rollout.response_mask
-    # the reference is the same network as the policy: every per-token KL is exactly zero
+    # the reference is its own frozen network (no shared storage), rebuilt from the same checkpoint (stored with
+    # dropout 0.1): at the first iteration every per-token KL is exactly zero
+    policy_storage = {p.data_ptr() for p in module.policy.parameters()}
+    assert not policy_storage & {p.data_ptr() for p in module.reference.parameters()}
+    assert not any(p.requires_grad for p in module.reference.parameters())
     assert torch.equal(rollout.logprobs[mask], rollout.ref_logprobs[mask])
     # a shuffled minibatch recomputed in training mode sees the rollout's log-probs: ratio 1, approx KL 0
     rows = torch.tensor([5, 2, 7, 0])
@@ -84,6 +88,27 @@ def test_first_iteration_has_ratio_one_and_zero_kl(sft_checkpoint, tiny_tokenize
     assert stats["ratio_mean"].item() == pytest.approx(1.0, abs=1e-6)
     assert stats["approx_kl"].item() == pytest.approx(0.0, abs=1e-7)
     assert stats["clipfrac"].item() == 0.0
+    # ... and the KL is zero because the networks agree, not because it cannot move: after one update the same
+    # rollout's tokens have other log-probs under the policy, while the reference's are unchanged
+    _attach_optimizers(module)
+    module._update(rollout, update_policy=True)
+    module.generator.manual_seed(0)
+    again, _ = module._rollout(_first_batch(tiny_tokenizer.source))
+    assert not torch.equal(again.logprobs[again.response_mask], again.ref_logprobs[again.response_mask])
+    with torch.no_grad():
+        from rlhf_lightning.stages.rollout import response_logprobs_of
+
+        P = rollout.query_ids.shape[1]
+        seq, seq_mask = rollout.sequences, rollout.sequence_mask
+        ref_now = response_logprobs_of(module.reference, seq, seq_mask, P, module.generation.temperature)
+    assert torch.equal(ref_now[mask], rollout.ref_logprobs[mask])
+
+
+def _attach_optimizers(module: PPOModule) -> None:
+    """``module._update`` without a Trainer: its own optimizers and a plain backward."""
+    optimizers = module.configure_optimizers()
+    module.optimizers = lambda use_pl_optimizer=True: optimizers
+    module.manual_backward = lambda loss: loss.backward()
 
 
 def test_rollout_truncates_at_eos_and_masks_padding(sft_checkpoint, tiny_tokenizer):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from trainers import quiet_trainer  # tests/ is on sys.path under pytest
 
@@ -133,15 +132,23 @@ def test_loss_is_bradley_terry_on_one_stacked_forward(tok_path: Path) -> None:
 
 
 def test_loss_gradient_pushes_chosen_up(tok_path: Path) -> None:
-    module = _module(tok_path)
-    ids = torch.randint(6, 200, (2, 6))
+    """One SGD step on the module's own loss raises every pair's chosen-minus-rejected score."""
+    torch.manual_seed(0)
+    module = _module(tok_path).eval()
+    ids = torch.randint(6, 200, (4, 6))
     batch = PreferenceBatch(
-        input_ids=ids, attention_mask=torch.ones(2, 6, dtype=torch.bool), margin=torch.zeros(1)
+        input_ids=ids, attention_mask=torch.ones(4, 6, dtype=torch.bool), margin=torch.zeros(2)
     )
-    scores = module(ids, batch.attention_mask).detach().requires_grad_(True)
-    loss = -F.logsigmoid(scores[:1] - scores[1:]).mean()
+    with torch.no_grad():
+        before = module(ids, batch.attention_mask)
+    loss, _, _ = module._pair_step(batch)
     loss.backward()
-    assert scores.grad[0] < 0 < scores.grad[1]  # descending the loss raises chosen, lowers rejected
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.grad is not None:
+                p -= 1e-2 * p.grad
+        after = module(ids, batch.attention_mask)
+    assert torch.all((after[:2] - after[2:]) > (before[:2] - before[2:]))
 
 
 def test_score_read_at_last_real_token_for_right_and_left_padding(tok_path: Path) -> None:
