@@ -1,8 +1,9 @@
 """The suite's ``LightningCLI``: shared by ``rlhf-lightning fit|validate|test|predict`` and the pipeline.
 
 Defaults it adds to a plain LightningCLI: precision chosen per device when the config leaves it unset (bf16-mixed on
-CUDA GPUs that support it, 32-true elsewhere), atomic checkpoint writes, and a guard that refuses to start a fresh run
-in a checkpoint folder that already holds checkpoints.
+CUDA GPUs that support it, 32-true elsewhere), atomic checkpoint writes, a guard that refuses to start a fresh run
+in a checkpoint folder that already holds checkpoints, and the run guards of ``rlhf_lightning.guards`` (stop on a
+non-finite loss or gradient; save and exit 143/130 on SIGTERM/SIGINT) in every Trainer's callbacks.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from rlhf_lightning.guards import default_callbacks
 from rlhf_lightning.stages.checkpoints import AtomicCheckpointIO, CheckpointError
 
 
@@ -89,6 +91,11 @@ class RLHFLightningCLI(LightningCLI):
         if not config["trainer"].get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config, callbacks):
+        listed = config.get("callbacks") or []
+        configured = [*(listed if isinstance(listed, list) else [listed]), *callbacks]
+        return super()._instantiate_trainer(config, [*callbacks, *default_callbacks(configured)])
 
     def before_fit(self) -> None:
         """Refuse a fresh run (no ``--ckpt_path``) whose checkpoint folder already holds checkpoints."""
