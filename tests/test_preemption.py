@@ -58,7 +58,13 @@ def _fit(*args: str) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    "signum, status",
+    [
+        (signal.SIGTERM, 143),
+        pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),
+    ],  # SIGINT: the same path
+)
 def test_fit_stops_on_signal_with_a_resumable_checkpoint(tmp_path, tiny_tokenizer, signum, status):
     config = _fit_config(tmp_path, tiny_tokenizer.source)
     proc = _fit("--config", str(config))
@@ -77,6 +83,7 @@ def test_fit_stops_on_signal_with_a_resumable_checkpoint(tmp_path, tiny_tokenize
     assert f"Restored all states from the checkpoint at {last}" in out
 
 
+@pytest.mark.slow  # about a minute: run with -m slow
 def test_pipeline_sigterm_leaves_the_stage_unfinished_and_a_rerun_resumes(tmp_path):
     run = tmp_path / "run"
     common = [
