@@ -75,7 +75,9 @@ def grad_norm(parameters: Any) -> torch.Tensor | None:
     grads = [p.grad.detach() for p in parameters if p.grad is not None]
     if not grads:
         return None
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+    )
 
 
 class NonFiniteGuard(Callback):
