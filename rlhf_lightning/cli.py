@@ -170,17 +170,25 @@ COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (data, checkpoint, paths, mismatched settings), not a bug: printed in one line."""
     from rlhf_lightning.data.formats import DataFormatError
+    from rlhf_lightning.guards import NonFiniteError
     from rlhf_lightning.models.factory import UntrustedCodeError
     from rlhf_lightning.stages.checkpoints import CheckpointError, SetupError
 
-    return (DataFormatError, CheckpointError, SetupError, UntrustedCodeError, FileNotFoundError)
+    return (
+        DataFormatError,
+        CheckpointError,
+        SetupError,
+        UntrustedCodeError,
+        FileNotFoundError,
+        NonFiniteError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``rlhf-lightning`` console script.
 
     Bad input (a malformed data row, an unusable checkpoint, a missing file, a checkpoint folder that a fresh run
-    would overwrite) ends with ``error: <message>`` on stderr and exit status 2 instead of a traceback; set
+    would overwrite, settings that train NaN: ``rlhf_lightning.guards.NonFiniteError``) ends with ``error: <message>`` on stderr and exit status 2 instead of a traceback; set
     ``RLHF_LIGHTNING_TRACEBACK=1`` to see the traceback.
     """
     args = list(sys.argv[1:] if argv is None else argv)

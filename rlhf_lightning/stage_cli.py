@@ -2,8 +2,10 @@
 
 Defaults it adds to a plain LightningCLI: precision chosen per device when the config leaves it unset (bf16-mixed on
 CUDA GPUs that support it, 32-true elsewhere), atomic checkpoint writes and ``weights_only`` reads (``--ckpt_path``
-included), and guards before training: a fresh run may not start in a checkpoint folder that already holds
-checkpoints, and every checkpoint folder must be writable (:class:`WritableCheckpointFolders`).
+included), guards before training (a fresh run may not start in a checkpoint folder that already holds
+checkpoints, and every checkpoint folder must be writable: :class:`WritableCheckpointFolders`), and the run guards
+of ``rlhf_lightning.guards`` (stop on a non-finite loss or gradient; save and exit 143/130 on SIGTERM/SIGINT) in
+every Trainer's callbacks.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from rlhf_lightning.guards import default_callbacks
 from rlhf_lightning.stages.checkpoints import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -127,6 +130,11 @@ class RLHFLightningCLI(LightningCLI):
         if ckpt_path and "://" not in str(ckpt_path) and Path(ckpt_path).is_file():
             read_checkpoint_file(ckpt_path, mmap=True)  # mmap: the tensors are mapped, not read
         super()._parse_ckpt_path()
+
+    def _instantiate_trainer(self, config, callbacks):
+        listed = config.get("callbacks") or []
+        configured = [*(listed if isinstance(listed, list) else [listed]), *callbacks]
+        return super()._instantiate_trainer(config, [*callbacks, *default_callbacks(configured)])
 
     def before_fit(self) -> None:
         """Refuse a fresh run (no ``--ckpt_path``) whose checkpoint folder already holds checkpoints."""

@@ -51,6 +51,7 @@ from rlhf_lightning.functional.kl import AdaptiveKLController, FixedKLController
 from rlhf_lightning.functional.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhf_lightning.functional.losses import ppo_policy_loss, ppo_value_loss, sft_loss
 from rlhf_lightning.functional.masked import masked_mean
+from rlhf_lightning.guards import check_finite
 from rlhf_lightning.models.factory import model_spec
 from rlhf_lightning.models.generation import GenerationArgs
 from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY
@@ -342,6 +343,9 @@ class PPOModule(LightningModule):
             self.calibrate_scores(batch)
         ptx = self._ptx_batch(batch)
         rollout, timings = self._rollout(batch)  # 1. rollout
+        check_finite(
+            "ppo", iteration, raw_score=rollout.raw_scores, score=rollout.scores, advantage=rollout.advantages
+        )
         started = time.perf_counter()
         update_policy = iteration >= self.ppo.critic_warmup_iterations
         stats = self._update(rollout, update_policy, ptx)  # 2. PPO epochs over shuffled minibatches
