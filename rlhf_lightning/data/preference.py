@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from rlhf_lightning.data.base import ChatDataModule, RenderedRows, collate_rendered_rows
 from rlhf_lightning.data.collate import collate_preference, collate_scoring
 from rlhf_lightning.data.formats import PreferencePair, load_rows, parse_conversation, parse_preference
-from rlhf_lightning.data.sampling import LengthBucketBatchSampler
+from rlhf_lightning.data.sampling import LengthBucketBatchSampler, ResumableDataLoader
 from rlhf_lightning.data.sft import (
     Truncation,
     check_loader_args,
@@ -352,7 +352,7 @@ class PreferenceDataModule(ChatDataModule):
             num_replicas=replicas,
             rank=rank,
         )
-        return DataLoader(
+        return ResumableDataLoader(  # resumable mid-epoch: Lightning saves its position in checkpoints
             self.train_dataset, batch_sampler=sampler, collate_fn=self._collate(), **self._loader_kwargs()
         )
 

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from rlhf_lightning.data.base import ChatDataModule
 from rlhf_lightning.data.collate import collate_sft
 from rlhf_lightning.data.formats import Conversation, load_rows, parse_conversation
-from rlhf_lightning.data.sampling import LengthBucketBatchSampler
+from rlhf_lightning.data.sampling import LengthBucketBatchSampler, ResumableDataLoader
 
 if TYPE_CHECKING:
     from rlhf_lightning.tokenization import ChatTokenizer
@@ -315,7 +315,7 @@ class SFTDataModule(ChatDataModule):
             num_replicas=replicas,
             rank=rank,
         )
-        return DataLoader(
+        return ResumableDataLoader(  # resumable mid-epoch: Lightning saves its position in checkpoints
             self.train_dataset, batch_sampler=sampler, collate_fn=self._collate(), **self._loader_kwargs()
         )
 
