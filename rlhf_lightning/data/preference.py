@@ -16,7 +16,8 @@ Choices:
 * ``predict_dataloader`` scores a JSONL of conversations (``{"messages": [...]}`` or prompt/response rows) as
   right-padded :class:`~rlhf_lightning.data.collate.ScoringBatch` es in file order, left-truncated like SFT.
 * Training batches are length-bucketed by the longer sequence of each pair; evaluation batches are sorted longest
-  first. Multi-device training needs ``Trainer(use_distributed_sampler=False)`` (the sampler shards itself).
+  first. Multi-device training needs ``Trainer(use_distributed_sampler=False)`` (the sampler shards itself). The
+  train loader resumes mid-epoch at the next batch (:class:`~rlhf_lightning.data.sampling.ResumableDataLoader`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ Choices:
 * Training batches come from :class:`~rlhf_lightning.data.sampling.LengthBucketBatchSampler` (on the shipped HH data
   it cuts padding from ~58% to ~3%); validation batches are the examples sorted longest first, unshuffled, through a
   plain ``DataLoader`` (so Lightning may shard them in distributed runs). Multi-device training with the bucketing
-  sampler needs ``Trainer(use_distributed_sampler=False)``: the sampler shards by rank itself.
+  sampler needs ``Trainer(use_distributed_sampler=False)``: the sampler shards by rank itself. The train loader is a
+  :class:`~rlhf_lightning.data.sampling.ResumableDataLoader`: a mid-epoch checkpoint resumes at the next batch.
 * ``prepare_data()`` trains (or loads) the tokenizer once, on rank 0; ``setup()`` loads it on every rank.
 """
 
