@@ -1,4 +1,4 @@
-"""Length-bucketed batch sampler and the resumable epoch-cycling stream."""
+"""Length-bucketed batch sampler (and its mid-epoch state), the resumable loader and the epoch-cycling stream."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_lightning.data.sampling import EpochCyclingBatchSampler, LengthBucketBatchSampler, padding_fraction
+from rlhf_lightning.data.sampling import (
+    EpochCyclingBatchSampler,
+    LengthBucketBatchSampler,
+    ResumableDataLoader,
+    padding_fraction,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,6 +102,81 @@ def test_cycling_stream_resumes_at_position():
     resumed.resume_from(9)
     it = iter(resumed)
     assert [next(it) for _ in range(11)] == first[9:]
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_sampler_state_round_trip_resumes_mid_epoch(replicas):
+    lengths = list(range(1, 42))
+
+    def make(rank: int) -> LengthBucketBatchSampler:
+        return LengthBucketBatchSampler(
+            lengths, 4, seed=5, bucket_size_multiplier=2, num_replicas=replicas, rank=rank
+        )
+
+    straight = [make(r) for r in range(replicas)]
+    for s in straight:
+        s.set_epoch(1)
+    expected = [list(s) for s in straight]
+    # rank 0 draws 2 batches of epoch 1 and saves; the checkpoint holds rank 0's state only
+    saver = make(0)
+    saver.set_epoch(1)
+    it = iter(saver)
+    assert [next(it), next(it)] == expected[0][:2]
+    state = saver.state_dict()
+    assert (state["epoch"], state["position"]) == (1, 2)
+    for r in range(replicas):  # every rank continues with its own third batch of epoch 1
+        resumed = make(r)
+        resumed.load_state_dict(state)
+        assert resumed.state_dict() == state  # restored, not yet iterated: the same state again
+        resumed.set_epoch(1)  # Lightning sets the epoch again before the pass starts
+        assert list(resumed) == expected[r][2:]
+        resumed.set_epoch(2)  # the resume point applied once: the next epoch is whole
+        assert len(list(resumed)) == len(resumed)
+
+
+def test_sampler_state_at_the_end_of_an_epoch_points_at_the_next_one():
+    s = LengthBucketBatchSampler(list(range(1, 10)), 4, seed=0)
+    list(s)
+    assert (s.state_dict()["epoch"], s.state_dict()["position"]) == (1, 0)
+    resumed = LengthBucketBatchSampler(list(range(1, 10)), 4, seed=0)
+    resumed.load_state_dict({"epoch": 0, "position": 2})
+    resumed.set_epoch(1)  # the run moved on to another epoch: the saved position does not apply to it
+    assert list(resumed) == resumed.epoch_batches(1)
+
+
+def test_sampler_resumed_with_another_layout_warns(caplog):
+    state = LengthBucketBatchSampler(list(range(1, 10)), 4, seed=0).state_dict()
+    with caplog.at_level("WARNING", logger="rlhf_lightning.data.sampling"):
+        LengthBucketBatchSampler(list(range(1, 10)), 2, seed=1).load_state_dict(state)
+    assert "different seed, batch_size" in caplog.text
+    with pytest.raises(ValueError, match="position"):
+        LengthBucketBatchSampler([1], 1).load_state_dict({"epoch": 0, "position": -1})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_state_counts_the_batches_handed_out(workers):
+    """Worker processes draw indices ahead; the state counts what the consumer received."""
+    lengths = list(range(1, 42))
+
+    def loader() -> ResumableDataLoader:
+        sampler = LengthBucketBatchSampler(lengths, 4, seed=2)
+        return ResumableDataLoader(lengths, batch_sampler=sampler, collate_fn=list, num_workers=workers)
+
+    expected = list(loader())
+    first = loader()
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    assert head == expected[:3] and state["position"] == 3
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert list(resumed) == expected[3:]
+    assert resumed.state_dict()["epoch"] == 1  # the epoch was finished
+
+
+def test_loader_needs_a_length_bucket_sampler():
+    with pytest.raises(TypeError, match="LengthBucketBatchSampler"):
+        ResumableDataLoader([1, 2, 3], batch_size=2).state_dict()
 
 
 def test_invalid_arguments():

@@ -20,7 +20,8 @@ Choices:
 * ``predict_dataloader`` scores a JSONL of conversations (``{"messages": [...]}`` or prompt/response rows) as
   right-padded :class:`~rlhf_lightning.data.collate.ScoringBatch` es in file order, left-truncated like SFT.
 * Training batches are length-bucketed by the longer sequence of each pair; evaluation batches are sorted longest
-  first. Multi-device training needs ``Trainer(use_distributed_sampler=False)`` (the sampler shards itself).
+  first. Multi-device training needs ``Trainer(use_distributed_sampler=False)`` (the sampler shards itself). The
+  train loader resumes mid-epoch at the next batch (:class:`~rlhf_lightning.data.sampling.ResumableDataLoader`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from rlhf_lightning.data.base import ChatDataModule, RenderedRows, collate_rendered_rows
 from rlhf_lightning.data.collate import collate_preference, collate_scoring
 from rlhf_lightning.data.formats import PreferencePair, load_rows, parse_conversation, parse_preference
-from rlhf_lightning.data.sampling import LengthBucketBatchSampler
+from rlhf_lightning.data.sampling import LengthBucketBatchSampler, ResumableDataLoader
 from rlhf_lightning.data.sft import (
     Truncation,
     check_loader_args,
@@ -359,7 +360,7 @@ class PreferenceDataModule(ChatDataModule):
             num_replicas=replicas,
             rank=rank,
         )
-        return DataLoader(
+        return ResumableDataLoader(  # resumable mid-epoch: Lightning saves its position in checkpoints
             self.train_dataset, batch_sampler=sampler, collate_fn=self._collate(), **self._loader_kwargs()
         )
 

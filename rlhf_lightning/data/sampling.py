@@ -9,6 +9,14 @@ batching (each batch merely sorted inside), which is what the prompt stream uses
 Everything is deterministic given ``(seed, epoch)``: the permutation comes from a private ``torch.Generator`` seeded
 from both, never from global RNG state, so a resumed run sees the same batches.
 
+Resuming mid-epoch: ``LengthBucketBatchSampler.state_dict()`` is ``(epoch, position)``, the batches of the epoch
+already yielded, and after ``load_state_dict`` the next pass over that epoch starts at ``position``.
+:class:`ResumableDataLoader` (the SFT and preference train loaders) exposes that state counted on the consumer side
+of the DataLoader (worker processes read ahead of the training loop), so Lightning saves it in every checkpoint
+(``loops.fit_loop.state_dict.combined_loader``) and restores it before the resumed epoch starts: the run continues
+with the batch after the checkpoint's, and the batches it skips are the ones Lightning's loop counters
+(``batch_progress``) record as done.
+
 Distributed runs: the samplers shard whole batches by ``(num_replicas, rank)`` themselves (the list of batches is
 padded by repeating its head so every rank gets the same count, as ``DistributedSampler`` does). Lightning cannot
 inject its own distributed sampler into a custom batch sampler, so multi-device runs set
@@ -17,12 +25,16 @@ inject its own distributed sampler into a custom batch sampler, so multi-device 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
-__all__ = ["EpochCyclingBatchSampler", "LengthBucketBatchSampler", "padding_fraction"]
+__all__ = ["EpochCyclingBatchSampler", "LengthBucketBatchSampler", "ResumableDataLoader", "padding_fraction"]
+
+log = logging.getLogger(__name__)
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio) to mix seed and epoch into one generator seed
 
@@ -59,6 +71,9 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         bucket_size_multiplier: a chunk of ``batch_size * bucket_size_multiplier`` shuffled indices is sorted by
             length before batching. 1 = random batching; larger = less padding, less random composition.
         num_replicas, rank: shard whole batches across data-parallel ranks.
+
+    ``state_dict()`` / ``load_state_dict()`` save and restore the position within an epoch (see the module notes);
+    every rank yields the same number of batches, so one rank's state resumes all of them.
     """
 
     def __init__(
@@ -87,6 +102,9 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, position) the next pass starts at, once
+        self._pass = (0, 0)  # (epoch, first position) of the current pass
+        self._yielded = 0  # batches the current pass has yielded
         # Lightning's _set_sampler_epoch calls set_epoch on dataloader.sampler and dataloader.batch_sampler.sampler
         self.sampler = _EpochForwarder(self)
 
@@ -127,7 +145,16 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         return batches[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.epoch_batches(self.epoch)
+        # a generator: the pass starts at the first next(), after Lightning's set_epoch
+        start = 0
+        if self._resume is not None:
+            (epoch, position), self._resume = self._resume, None
+            start = position if epoch == self.epoch else 0  # a resume point of another epoch does not apply
+        batches = self.epoch_batches(self.epoch)
+        self._pass, self._yielded = (self.epoch, start), 0
+        for batch in batches[start:]:
+            self._yielded += 1
+            yield batch
 
     def __len__(self) -> int:
         n = len(self.lengths)
@@ -135,6 +162,86 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         if self.num_replicas == 1:
             return total
         return total // self.num_replicas if self.drop_last else -(-total // self.num_replicas)
+
+    def _layout(self) -> dict[str, Any]:
+        """What decides the batches: a state saved under a different layout resumes a different order."""
+        return {
+            "seed": self.seed,
+            "items": len(self.lengths),
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "bucket_size_multiplier": self.bucket_size_multiplier,
+            "num_replicas": self.num_replicas,
+        }
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """``epoch`` and ``position`` (its batches already used) where iteration continues, plus the layout.
+
+        Args:
+            consumed: batches of the current pass actually used (a DataLoader with workers draws batches ahead of
+                its consumer and passes its own count); default: the batches this sampler has yielded.
+        """
+        if self._resume is not None:  # restored, not yet iterated
+            epoch, position = self._resume
+        else:
+            epoch, first = self._pass
+            position = first + (self._yielded if consumed is None else consumed)
+        if position >= len(self):  # the epoch is done: continue at the start of the next one
+            epoch, position = epoch + 1, 0
+        return {"epoch": epoch, "position": position, **self._layout()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue at ``state_dict``'s epoch and position: the next pass over that epoch skips its first batches."""
+        epoch, position = int(state_dict["epoch"]), int(state_dict["position"])
+        if epoch < 0 or position < 0:
+            raise ValueError(f"sampler state: epoch and position must be >= 0, got {epoch}, {position}")
+        mine = self._layout()
+        changed = [k for k, v in mine.items() if k in state_dict and state_dict[k] != v]
+        if changed:
+            log.warning(
+                "batch sampler resumed with different %s than the checkpoint: continuing at batch %d of epoch %d "
+                "of a different order",
+                ", ".join(changed),
+                position,
+                epoch,
+            )
+        self.epoch = epoch
+        self._resume = (epoch, min(position, len(self)))
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`LengthBucketBatchSampler` that Lightning saves and restores mid-epoch.
+
+    Its ``state_dict()`` is the sampler's, with the position counted in batches this loader has handed out (what the
+    training loop consumed; worker processes may have drawn more indices ahead). Lightning calls it when saving a
+    checkpoint and calls ``load_state_dict()`` before the resumed epoch starts. Constructed like a DataLoader.
+    """
+
+    _handed_out = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        # a generator: the underlying iterator (and the sampler's pass) starts at the first next(), after set_epoch
+        self._handed_out = 0
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+    def _sampler(self) -> LengthBucketBatchSampler:
+        sampler = self.batch_sampler
+        if not isinstance(sampler, LengthBucketBatchSampler):
+            raise TypeError(
+                f"ResumableDataLoader needs a LengthBucketBatchSampler as batch_sampler, got {type(sampler).__name__}"
+            )
+        return sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's epoch and position, counting the batches this loader has handed out."""
+        return self._sampler().state_dict(consumed=self._handed_out)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue where ``state_dict`` (from :meth:`state_dict`) left off."""
+        self._sampler().load_state_dict(state_dict)
 
 
 class EpochCyclingBatchSampler(Sampler[list[int]]):

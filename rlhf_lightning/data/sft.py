@@ -21,7 +21,8 @@ Choices:
 * Training batches come from :class:`~rlhf_lightning.data.sampling.LengthBucketBatchSampler` (on the shipped HH data
   it cuts padding from ~58% to ~3%); validation batches are the examples sorted longest first, unshuffled, through a
   plain ``DataLoader`` (so Lightning may shard them in distributed runs). Multi-device training with the bucketing
-  sampler needs ``Trainer(use_distributed_sampler=False)``: the sampler shards by rank itself.
+  sampler needs ``Trainer(use_distributed_sampler=False)``: the sampler shards by rank itself. The train loader is a
+  :class:`~rlhf_lightning.data.sampling.ResumableDataLoader`: a mid-epoch checkpoint resumes at the next batch.
 * ``prepare_data()`` trains (or loads) the tokenizer once, on rank 0; ``setup()`` loads it on every rank.
 """
 
@@ -40,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from rlhf_lightning.data.base import ChatDataModule
 from rlhf_lightning.data.collate import collate_sft
 from rlhf_lightning.data.formats import Conversation, load_rows, parse_conversation
-from rlhf_lightning.data.sampling import LengthBucketBatchSampler
+from rlhf_lightning.data.sampling import LengthBucketBatchSampler, ResumableDataLoader
 from rlhf_lightning.types import Message
 
 if TYPE_CHECKING:
@@ -405,7 +406,7 @@ class SFTDataModule(ChatDataModule):
             num_replicas=replicas,
             rank=rank,
         )
-        return DataLoader(
+        return ResumableDataLoader(  # resumable mid-epoch: Lightning saves its position in checkpoints
             self.train_dataset, batch_sampler=sampler, collate_fn=self._collate(), **self._loader_kwargs()
         )
 
