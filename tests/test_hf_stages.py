@@ -219,6 +219,7 @@ def test_ppo_with_lora_policy_uses_the_sft_model_as_reference(chain, tmp_path):
     torch.testing.assert_close(_logits(rebuilt.eval(), ids, ids_mask), expected)
     resumed = _ppo(chain["llama_sft"], chain["reward"])
     resumed.configure_model()
+    resumed.on_load_checkpoint(checkpoint)  # as Lightning does: fills in the frozen networks it did not store
     resumed.load_state_dict(checkpoint["state_dict"])  # strict: what a resumed fit loads
     torch.testing.assert_close(_logits(resumed.policy.eval(), ids, ids_mask), expected)
     exported = export_checkpoint(path, tmp_path / "hf")
