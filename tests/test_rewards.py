@@ -206,7 +206,10 @@ def test_evaluation_rollouts_leave_running_statistics_alone(checkpoints, tiny_to
     module = PPOModule(
         policy_from=sft,
         tokenizer_path=tiny_tokenizer.source,
-        rewards=RewardArgs(model_weight=0.0, functions=[f"{FAKE}:record"], running_normalize=True),
+        # no missing-EOS score: every reply's score counts in the running statistics, ended or not
+        rewards=RewardArgs(
+            model_weight=0.0, functions=[f"{FAKE}:record"], running_normalize=True, missing_eos_score=None
+        ),
         generation=GenerationArgs(max_new_tokens=4),
     )
     module.configure_model()
