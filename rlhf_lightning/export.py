@@ -207,8 +207,11 @@ def export_checkpoint(
     output: str | Path,
     merge_lora: bool = True,
     overwrite: bool = False,
+    *,
+    trust_remote_code: bool = False,
 ) -> Path:
-    """Write the model of stage checkpoint ``ckpt`` (file or stage folder) as a Hugging Face folder ``output``."""
+    """Write the model of stage checkpoint ``ckpt`` (file or stage folder) as a Hugging Face folder ``output``;
+    ``trust_remote_code`` is the user's flag (a value stored in the checkpoint is never honoured)."""
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ExportError(f"{output}: folder exists and is not empty; pass overwrite=True to replace it")
@@ -219,11 +222,11 @@ def export_checkpoint(
     state = checkpoint["state_dict"]
     reward = None
     if payload["stage"] == "reward":
-        reward = RewardModel(model_from_spec(spec))
+        reward = RewardModel(model_from_spec(spec, trust_remote_code=trust_remote_code))
         reward.load_state_dict(submodule_state(state, payload["reward_prefix"]))
         backbone = reward.backbone
     else:
-        backbone = model_from_spec(spec)
+        backbone = model_from_spec(spec, trust_remote_code=trust_remote_code)
         backbone.load_state_dict(
             submodule_state(state, payload.get("policy_prefix", payload["backbone_prefix"]))
         )
@@ -273,6 +276,14 @@ def main(args: list[str]) -> None:
     parser.add_argument("--output", required=True, help="folder to write (config, safetensors, tokenizer)")
     parser.add_argument("--merge_lora", type=bool, default=True, help="merge a LoRA adapter into the weights")
     parser.add_argument("--overwrite", type=bool, default=False, help="replace a non-empty output folder")
+    parser.add_argument(
+        "--trust_remote_code",
+        type=bool,
+        default=False,
+        help="allow a Hugging Face backbone's own modelling code (only for folders you trust)",
+    )
     cfg = parser.parse_args(list(args))
-    out = export_checkpoint(cfg.ckpt, cfg.output, cfg.merge_lora, cfg.overwrite)
+    out = export_checkpoint(
+        cfg.ckpt, cfg.output, cfg.merge_lora, cfg.overwrite, trust_remote_code=cfg.trust_remote_code
+    )
     print(f"wrote {out}")

@@ -105,6 +105,7 @@ def score_file(
     batch_size: int = 16,
     max_length: int | None = None,
     device: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> ScoredRows:
     """Score every conversation of ``input_path`` with the reward model in ``ckpt`` (file or stage folder).
 
@@ -112,7 +113,7 @@ def score_file(
     fully validated before the checkpoint is loaded.
     """
     rows = read_conversations(input_path)
-    model, tokenizer = load_reward_model(str(ckpt))
+    model, tokenizer = load_reward_model(str(ckpt), trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise ValueError(
             f"{ckpt}: the reward checkpoint carries no tokenizer; expected one embedded by training"
@@ -155,9 +156,23 @@ def main(args: Sequence[str]) -> None:
         help="longest sequence in tokens (default: model's limit)",
     )
     parser.add_argument("--device", type=str, default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument(
+        "--trust_remote_code",
+        type=bool,
+        default=False,
+        help="allow a Hugging Face backbone's own modelling code (only for folders you trust)",
+    )
     cfg = parser.parse_args(list(args))
     try:
-        result = score_file(cfg.ckpt, cfg.input, cfg.output, cfg.batch_size, cfg.max_length, cfg.device)
+        result = score_file(
+            cfg.ckpt,
+            cfg.input,
+            cfg.output,
+            cfg.batch_size,
+            cfg.max_length,
+            cfg.device,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     except DataFormatError as err:
         raise SystemExit(f"error: {err}") from err
     note = f", {result.truncated} left-truncated" if result.truncated else ""

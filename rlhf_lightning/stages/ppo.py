@@ -169,6 +169,8 @@ class PPOModule(LightningModule):
         sample_every_n: log a table of prompts, responses and scores every this many iterations (0 = never).
         eval_max_prompts: held-out prompts scored per validation run.
         seed: seed of the sampling and shuffling generator (offset by the data-parallel rank).
+        trust_remote_code: allow Hugging Face backbones that need their folder's own modelling code (only for
+            folders you trust; a value stored in a checkpoint is never used).
     """
 
     def __init__(
@@ -186,6 +188,7 @@ class PPOModule(LightningModule):
         sample_every_n: int = 10,
         eval_max_prompts: int = 64,
         seed: int = 0,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         for spec in rewards.functions:  # a bad "module:function" fails here, before any training
@@ -206,6 +209,7 @@ class PPOModule(LightningModule):
         self.policy_optimizer_factory, self.value_optimizer_factory = policy_optimizer, value_optimizer
         self.share_value_trunk = share_value_trunk
         self.sample_every_n, self.eval_max_prompts, self.seed = sample_every_n, eval_max_prompts, seed
+        self.trust_remote_code = trust_remote_code
         self.policy: torch.nn.Module | None = None
         self.tokenizer = None
         self.kl_controller = (
@@ -237,6 +241,7 @@ class PPOModule(LightningModule):
             self.value_from,
             self.share_value_trunk,
             resolve_tokenizer(self, self.tokenizer_path),
+            trust_remote_code=self.trust_remote_code,
         )
         self.policy, self.reference, self.tokenizer = nets.policy, nets.reference, nets.tokenizer
         self.reward_model, self.value_model = nets.reward_model, nets.value_model

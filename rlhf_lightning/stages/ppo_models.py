@@ -24,6 +24,7 @@ policy, reference, value and reward models"). Split out of ``stages/ppo.py`` to 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -67,17 +68,20 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def _backbone(spec: dict[str, Any]) -> nn.Module:
-    return disable_dropout(model_from_spec(no_dropout_spec(spec)))
+def _backbone(spec: dict[str, Any], trust_remote_code: bool = False) -> nn.Module:
+    """A stored backbone with dropout off; ``trust_remote_code`` is the user's flag (never the spec's)."""
+    return disable_dropout(model_from_spec(no_dropout_spec(spec), trust_remote_code=trust_remote_code))
 
 
-def policy_and_reference(spec: dict[str, Any], state: dict[str, Any]) -> tuple[nn.Module, Any]:
+def policy_and_reference(
+    spec: dict[str, Any], state: dict[str, Any], trust_remote_code: bool = False
+) -> tuple[nn.Module, Any]:
     """A trainable policy and its frozen reference, both the network ``spec`` with weights ``state``, dropout off.
 
     A LoRA policy gets no second copy: its adapter is merged and restarted and the reference is the policy with the
     fresh adapter disabled (``models.hf.reference_of``); any other policy gets a frozen copy as the reference.
     """
-    policy = _backbone(spec)
+    policy = _backbone(spec, trust_remote_code)
     policy.load_state_dict(state)
     if getattr(policy, "is_lora", False):
         from rlhf_lightning.models.hf import reference_of
@@ -85,7 +89,7 @@ def policy_and_reference(spec: dict[str, Any], state: dict[str, Any]) -> tuple[n
         reference = reference_of(policy)
         disable_dropout(policy)  # the fresh adapter has the spec's lora dropout again
         return policy, reference
-    reference = freeze(_backbone(spec))
+    reference = freeze(_backbone(spec, trust_remote_code))
     reference.load_state_dict(state)
     return policy, reference
 
@@ -109,8 +113,11 @@ def load_networks(
     value_from: str,
     share_value_trunk: bool,
     provided_tokenizer: Any,
+    trust_remote_code: bool = False,
 ) -> PPONetworks:
-    """Build the policy, reference, reward model and critic (see the module docstring)."""
+    """Build the policy, reference, reward model and critic (see the module docstring). ``trust_remote_code`` is the
+    user's flag for Hugging Face backbones that need their folder's own code; a stored one is never honoured."""
+    backbone_of = functools.partial(_backbone, trust_remote_code=trust_remote_code)
     loaded: dict[str, dict[str, Any]] = {}
 
     def checkpoint(
@@ -125,14 +132,14 @@ def load_networks(
     policy_state = submodule_state(
         sft["state_dict"], payload.get("policy_prefix", payload["backbone_prefix"])
     )
-    policy, reference = policy_and_reference(payload["model_spec"], policy_state)
+    policy, reference = policy_and_reference(payload["model_spec"], policy_state, trust_remote_code)
     tokenizer = reconcile_tokenizers(provided_tokenizer, tokenizer_from_payload(payload), policy_from)
 
     reward_model, reward_tokenizer = None, None
     if reward_from is not None:
         reward_ckpt = checkpoint(reward_from)
         reward_model = freeze(
-            reward_model_from_checkpoint(reward_ckpt, f"reward_from={reward_from}", _backbone)
+            reward_model_from_checkpoint(reward_ckpt, f"reward_from={reward_from}", backbone_of)
         )
         stored = tokenizer_from_payload(reward_ckpt[PAYLOAD_KEY])
         if stored is not None and not same_tokenizer(tokenizer, stored):
@@ -152,7 +159,7 @@ def load_networks(
     else:
         value_ckpt = checkpoint(value_from)
         value_payload = value_ckpt[PAYLOAD_KEY]
-        backbone = _backbone(value_payload["model_spec"])
+        backbone = backbone_of(value_payload["model_spec"])
         backbone.load_state_dict(submodule_state(value_ckpt["state_dict"], value_payload["backbone_prefix"]))
         value_model = ValueModel(backbone)
         if value_payload["stage"] == "reward":  # start the value head from the reward head (raw score scale)

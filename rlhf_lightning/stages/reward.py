@@ -36,6 +36,7 @@ Sources: Bradley & Terry 1952; Ouyang et al. 2022 (InstructGPT) for the pairwise
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -116,7 +117,9 @@ class RewardModule(LightningModule):
             return
         self.tokenizer = resolve_tokenizer(self, self.tokenizer_path)
         if self.init_from is not None:
-            backbone, stored, checkpoint = load_backbone(self.init_from)
+            backbone, stored, checkpoint = load_backbone(
+                self.init_from, trust_remote_code=self.model_args.trust_remote_code
+            )
             self.tokenizer = reconcile_tokenizers(self.tokenizer, stored, self.init_from)
             self.reward_model = RewardModel(backbone)
             payload = checkpoint[PAYLOAD_KEY]
@@ -151,7 +154,8 @@ class RewardModule(LightningModule):
         """Rebuild the network from the payload when no Trainer built it (``load_from_checkpoint``)."""
         if self.reward_model is None:
             payload = checkpoint[PAYLOAD_KEY]
-            self.reward_model = RewardModel(model_from_spec(payload["model_spec"]))
+            trust = self.model_args.trust_remote_code  # the user's flag, never the checkpoint's
+            self.reward_model = RewardModel(model_from_spec(payload["model_spec"], trust_remote_code=trust))
             self.tokenizer = tokenizer_from_payload(payload)
 
     # -- steps -------------------------------------------------------------------------------------------------------
@@ -291,8 +295,10 @@ def reward_model_from_checkpoint(
     return model
 
 
-def load_reward_model(path: str) -> tuple[RewardModel, Any]:
-    """The reward model (with its score statistics) and tokenizer stored in a reward checkpoint."""
+def load_reward_model(path: str, *, trust_remote_code: bool = False) -> tuple[RewardModel, Any]:
+    """The reward model (with its score statistics) and tokenizer stored in a reward checkpoint; ``trust_remote_code``
+    is the user's own flag for a Hugging Face backbone that needs its folder's code."""
     checkpoint = load_checkpoint(path)
-    model = reward_model_from_checkpoint(checkpoint, path)
+    build = functools.partial(model_from_spec, trust_remote_code=trust_remote_code)
+    model = reward_model_from_checkpoint(checkpoint, path, build)
     return model.eval(), tokenizer_from_payload(checkpoint[PAYLOAD_KEY])

@@ -90,7 +90,9 @@ class SFTModule(LightningModule):
         if self.init_from is not None:
             if self._trainer is None:
                 return  # load_from_checkpoint: the checkpoint's payload rebuilds the model (on_load_checkpoint)
-            self.model, stored, _ = load_backbone(self.init_from)
+            self.model, stored, _ = load_backbone(
+                self.init_from, trust_remote_code=self.model_args.trust_remote_code
+            )
             self.tokenizer = reconcile_tokenizers(self.tokenizer, stored, self.init_from)
         elif self.tokenizer is not None:
             self.model = build_model(self.model_args, self.tokenizer.vocab_size)
@@ -130,7 +132,7 @@ class SFTModule(LightningModule):
                     "checkpoint architecture %s differs from the configured one; using the checkpoint's",
                     spec.get("config"),
                 )
-            self.model = model_from_spec(spec)
+            self.model = model_from_spec(spec, trust_remote_code=self.model_args.trust_remote_code)
         stored = tokenizer_from_payload(payload)
         if stored is not None:
             self.tokenizer = reconcile_tokenizers(self.tokenizer, stored, "the checkpoint being loaded")
