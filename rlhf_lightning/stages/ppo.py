@@ -15,6 +15,13 @@ value head on the policy trunk with ``share_value_trunk``). Dropout is switched 
 first minibatch of an iteration sees ratio == 1 exactly (``stages/ppo_models.py`` loads them). Sampling seeds differ
 per data-parallel rank (:func:`rank_seed`); evaluation never moves the running reward statistics.
 
+Several data-parallel ranks (DESIGN.md "every statistic that normalises or steers is global"): advantage whitening,
+the running reward moments, the KL controller's input, the reward calibration and the logged means are reduced over
+ranks (``rlhf_lightning/distributed.py``), so every rank keeps the same beta; every rank's generator state is in the
+checkpoint. Deviation from Lightning's DDP: the PPO backwards run without DDP's gradient hooks (a step may leave the
+policy out, and a minibatch accumulates several backwards) and ``_clip_and_step`` averages gradients over ranks once
+per optimizer step.
+
 Sources: Schulman et al. 2017 (PPO); Ziegler et al. 2019 and Ouyang et al. 2022 (RLHF PPO, adaptive KL);
 Huang et al. 2024 "The N+ Implementation Details of RLHF with PPO" (arXiv 2403.17031); Zheng et al. 2023 (PPO-max).
 Choices: k1 is the KL penalty in the reward (k1 and k3 are logged); the score is added at the last response token;
