@@ -204,7 +204,7 @@ def test_sft_reward_and_ppo_tiny_configs_run_on_two_cpu_ranks(tmp_path):
     _fit("sft_tiny.yaml", tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3")
     sft = _metrics(tmp_path / "runs/tiny/sft")
     assert 0 < _last(sft, "val/loss") < 10
-    _fit("reward_tiny.yaml", tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3")
+    _fit("reward_tiny.yaml", tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "10")
     reward = _metrics(tmp_path / "runs/tiny/reward")
     assert 0 <= _last(reward, "val/accuracy") <= 1
     ppo_args = [
