@@ -3,7 +3,9 @@
 Defaults it adds to a plain LightningCLI: precision chosen per device when the config leaves it unset (bf16-mixed on
 CUDA GPUs that support it, 32-true elsewhere), atomic checkpoint writes and ``weights_only`` reads (``--ckpt_path``
 included), guards before training (a fresh run may not start in a checkpoint folder that already holds
-checkpoints, and every checkpoint folder must be writable: :class:`WritableCheckpointFolders`), and the run guards
+checkpoints, and every checkpoint folder must be writable: :class:`WritableCheckpointFolders`),
+``trainer.use_distributed_sampler: false`` (the DataModules' batch samplers shard by rank themselves, so the shipped
+configs run on several devices as they are), and the run guards
 of ``rlhf_lightning.guards`` (stop on a non-finite loss or gradient; save and exit 143/130 on SIGTERM/SIGINT) in
 every Trainer's callbacks.
 """
@@ -103,6 +105,8 @@ class RLHFLightningCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", LoggedSaveConfigCallback)
         defaults = dict(kwargs.get("trainer_defaults") or {})
+        # the DataModules' batch samplers shard by rank themselves (data/sampling.py): Lightning must not replace them
+        defaults.setdefault("use_distributed_sampler", False)
         extra = defaults.get("callbacks") or []
         defaults["callbacks"] = [
             *(extra if isinstance(extra, list) else [extra]),

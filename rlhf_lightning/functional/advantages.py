@@ -11,12 +11,13 @@ PPO-max's reward scaling; ``state_dict``/``load_state_dict`` let checkpoints res
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .masked import masked_mean, masked_var
+from .masked import masked_sum
 
 __all__ = ["RunningMoments", "gae", "group_relative_advantages", "rloo_advantages"]
 
@@ -106,12 +107,16 @@ class RunningMoments:
     ``update(x, mask=None)`` folds in the valid entries of ``x`` (any shape) and returns that batch's
     ``(mean, std)``. ``combine(mean, var, count)`` folds in precomputed population moments (for example after an
     all-reduce across ranks). ``var`` is the population variance of everything seen; ``std`` is the unbiased std.
+    ``reduce``: an element-wise sum over data-parallel ranks (e.g. ``rlhf_lightning.distributed.all_reduce_sum``)
+    applied to each batch's float64 ``(count, sum, sum of squares)``, so every rank folds in the same global batch;
+    with it every rank must call ``update`` at the same time, even with no valid entry.
     Used for PPO-max reward scaling: divide rewards by the running std.
     Source: Zheng et al. 2023, "Secrets of RLHF in Large Language Models Part I: PPO" (PPO-max), arXiv 2307.04964;
     Chan, Golub & LeVeque 1979 for the parallel update.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.reduce = reduce
         self.mean = 0.0
         self.var = 0.0
         self.count = 0
@@ -137,14 +142,18 @@ class RunningMoments:
 
     @torch.no_grad()
     def update(self, x: Tensor, mask: Tensor | None = None) -> tuple[float, float]:
-        """Fold in the entries of ``x`` where ``mask`` is True (all when None); return this batch's (mean, std)."""
+        """Fold in the entries of ``x`` where ``mask`` is True (all when None); return this batch's (mean, std)
+        (over every rank with ``reduce``)."""
         x = x.detach().to(torch.float64)
         valid = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.expand_as(x)
-        count = int(valid.sum())
+        sums = torch.stack([valid.sum().double(), masked_sum(x, valid), masked_sum(x * x, valid)])
+        if self.reduce is not None:
+            sums = self.reduce(sums)
+        count, total, squares = int(sums[0]), float(sums[1]), float(sums[2])
         if count == 0:
             return 0.0, 0.0
-        mean = float(masked_mean(x, valid))
-        var = float(masked_var(x, valid, unbiased=False))
+        mean = total / count
+        var = max(squares / count - mean * mean, 0.0)
         self.combine(mean, var, count)
         batch_std = math.sqrt(var * count / (count - 1)) if count > 1 else 0.0
         return mean, batch_std

@@ -64,18 +64,25 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return (centered * centered).sum() / denom.clamp_min(1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    moments: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Whiten ``x`` with the mean and (unbiased) variance of its valid tokens; invalid positions become 0.
 
     Shapes: ``x`` e.g. advantages (B, R); ``mask`` bool (B, R). Returns a tensor shaped like ``x``:
     ``(x - mean) / sqrt(var + eps)`` on valid tokens, or ``(x - mean) / sqrt(var + eps) + mean`` when
     ``shift_mean`` is False (rescale only, keep the mean, as PPO implementations do for rewards), and 0 elsewhere.
     With ``shift_mean=True`` the valid tokens end with mean 0 and unbiased std 1 (up to ``eps``).
+    ``moments=(mean, var)`` (scalars) whitens with those instead of the valid tokens' own, e.g. the moments of the
+    whole data-parallel batch (``rlhf_lightning.distributed.global_masked_moments``).
     Source: Huang et al. 2024 (arXiv 2403.17031), "advantage whitening" over the valid tokens of the batch.
     """
     mask = _check(x, mask)
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask, unbiased=True))
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

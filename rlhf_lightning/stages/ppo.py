@@ -15,6 +15,13 @@ value head on the policy trunk with ``share_value_trunk``). Dropout is switched 
 first minibatch of an iteration sees ratio == 1 exactly (``stages/ppo_models.py`` loads them). Sampling seeds differ
 per data-parallel rank (:func:`rank_seed`); evaluation never moves the running reward statistics.
 
+Several data-parallel ranks (DESIGN.md "every statistic that normalises or steers is global"): advantage whitening,
+the running reward moments, the KL controller's input, the reward calibration and the logged means are reduced over
+ranks (``rlhf_lightning/distributed.py``), so every rank keeps the same beta; every rank's generator state is in the
+checkpoint. Deviation from Lightning's DDP: the PPO backwards run without DDP's gradient hooks (a step may leave the
+policy out, and a minibatch accumulates several backwards) and ``_clip_and_step`` averages gradients over ranks once
+per optimizer step.
+
 Sources: Schulman et al. 2017 (PPO); Ziegler et al. 2019 and Ouyang et al. 2022 (RLHF PPO, adaptive KL);
 Huang et al. 2024 "The N+ Implementation Details of RLHF with PPO" (arXiv 2403.17031); Zheng et al. 2023 (PPO-max).
 Choices: k1 is the KL penalty in the reward (k1 and k3 are logged); the score is added at the last response token;
@@ -47,6 +54,15 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
+from rlhf_lightning.distributed import (
+    all_gather_tensors,
+    all_reduce_sum,
+    average_gradients,
+    global_mean,
+    global_rank,
+    no_backward_sync,
+    world_size,
+)
 from rlhf_lightning.functional.kl import AdaptiveKLController, FixedKLController, kl_k1
 from rlhf_lightning.functional.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhf_lightning.functional.losses import ppo_policy_loss, ppo_value_loss, sft_loss
@@ -245,7 +261,9 @@ class PPOModule(LightningModule):
         )
         self.policy, self.reference, self.tokenizer = nets.policy, nets.reference, nets.tokenizer
         self.reward_model, self.value_model = nets.reward_model, nets.value_model
-        self.scorer = SequenceScorer(self.rewards, self.reward_model, reward_tokenizer=nets.reward_tokenizer)
+        self.scorer = SequenceScorer(
+            self.rewards, self.reward_model, reward_tokenizer=nets.reward_tokenizer, reduce=all_reduce_sum
+        )
         self._critic_from_reward_head = nets.critic_from_reward_head
         if self.score_stats is not None:  # restored from a checkpoint before the networks were built
             self.reward_model.set_score_stats(self.score_stats.mean, self.score_stats.std)
@@ -261,7 +279,8 @@ class PPOModule(LightningModule):
             "model_spec": model_spec(self.policy),
             "kl_controller": self.kl_controller.state_dict(),
             "running_scores": self.scorer.running.state_dict(),
-            "generator_state": self.generator.get_state(),
+            "generator_state": self.generator.get_state(),  # rank 0's (checkpoints written before generator_states)
+            "generator_states": all_gather_tensors(self.generator.get_state()),  # one per rank (a collective)
             "score_stats": self.score_stats.as_dict() if self.score_stats else None,
             **tokenizer_payload(self.tokenizer),
         }
@@ -278,14 +297,27 @@ class PPOModule(LightningModule):
         self.kl_controller.load_state_dict(payload["kl_controller"])
         if self.policy is not None:
             self.scorer.running.load_state_dict(payload["running_scores"])
-        self.generator.set_state(payload["generator_state"])
-        self._generator_seeded = True
+        self._restore_generator(payload)
         self._restored = True  # the critic head is the trained one: never calibrate (and fold) again
         stats = payload.get("score_stats")
         if stats:
             self.score_stats = ScoreStats(**stats)
             if self.policy is not None and self.reward_model is not None:
                 self.reward_model.set_score_stats(self.score_stats.mean, self.score_stats.std)
+
+    def _restore_generator(self, payload: dict[str, Any]) -> None:
+        """Each rank takes its own saved generator state; a rank the checkpoint has none for (an older checkpoint, or
+        more ranks than when it was saved) seeds a stream of its own from rank 0's state, never a copy of it."""
+        rank = global_rank()
+        states = payload.get("generator_states") or [payload["generator_state"]]
+        if rank < len(states):
+            self.generator.set_state(states[rank])
+        else:
+            source = torch.Generator()
+            source.set_state(states[0])
+            base = int(torch.randint(0, 2**62, (1,), generator=source))
+            self.generator.manual_seed(rank_seed(base, rank))
+        self._generator_seeded = True
 
     # -- reward normalisation ----------------------------------------------------------------------------------------
     @property
@@ -309,17 +341,21 @@ class PPOModule(LightningModule):
     def calibrate_scores(self, prompts: PromptBatch) -> ScoreStats:
         """Sample ``rewards.calibration_samples`` replies from the reference policy for ``prompts``, normalise the
         reward model's scores to mean 0 / std 1 on them and fold the same normalisation into a critic head copied
-        from the reward head (``stages/score_calibration.py``)."""
-        generator = torch.Generator(device=self.device).manual_seed(self.seed + 2**31)
+        from the reward head (``stages/score_calibration.py``). With several data-parallel ranks each samples its
+        share of the replies (its own seed and prompts) and all get the statistics of every rank's replies."""
+        rank, ranks = global_rank(), world_size()
+        share = -(-self.rewards.calibration_samples // ranks)
+        generator = torch.Generator(device=self.device).manual_seed(rank_seed(self.seed + 2**31, rank))
         stats = measure_score_stats(
             self.reference,
             self.scorer,
             self.tokenizer,
             prompts,
             self.generation,
-            self.rewards.calibration_samples,
+            share,
             generator=generator,
             forward_batch_size=self.ppo.forward_batch_size or 32,
+            start=rank * share,
         )
         self.reward_model.set_score_stats(stats.mean, stats.std)
         if self._critic_from_reward_head:
@@ -355,7 +391,9 @@ class PPOModule(LightningModule):
         update_policy = iteration >= self.ppo.critic_warmup_iterations
         stats = self._update(rollout, update_policy, ptx)  # 2. PPO epochs over shuffled minibatches
         train_time = time.perf_counter() - started
-        self.kl_controller.update(sequence_kl(kl_k1, rollout).mean(), n_steps=len(rollout))  # 3. adapt beta
+        # 3. adapt beta from the mean KL and the number of sequences of every data-parallel rank (same beta on all)
+        n_sequences = int(all_reduce_sum(torch.tensor(float(len(rollout)))))
+        self.kl_controller.update(global_mean(sequence_kl(kl_k1, rollout)), n_steps=n_sequences)
         self._log_iteration(rollout, timings, stats, train_time)  # 4. log
         if self.sample_every_n and iteration % self.sample_every_n == 0:
             self._log_samples(rollout, iteration)
@@ -415,7 +453,7 @@ class PPOModule(LightningModule):
                     loss, stats = self._losses(rollout, part, update_policy)
                     # losses are token means: weight each micro-batch by its share of the minibatch's tokens, so
                     # the accumulated gradient equals the full minibatch's
-                    self.manual_backward(loss * rollout.response_mask[part].sum() / tokens)
+                    self._backward(loss * rollout.response_mask[part].sum() / tokens)
                     for key, value in stats.items():
                         history.setdefault(key, []).append(value)
                 if ptx is not None and update_policy:
@@ -463,15 +501,24 @@ class PPOModule(LightningModule):
         for ids, mask, loss_mask in zip(*chunks):
             loss, _ = sft_loss(self.policy(ids, mask), ids, loss_mask)
             share = loss_mask[:, 1:].sum() / tokens
-            self.manual_backward(self.ppo.ptx_coef * loss * share)
+            self._backward(self.ppo.ptx_coef * loss * share)
             total = total + loss.detach() * share
         return total
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Backward without DDP's gradient hooks: a step may leave a network out (critic warm-up) and accumulates
+        several backwards, which DDP's reducer refuses; :meth:`_clip_and_step` averages the gradients over the
+        data-parallel ranks once per optimizer step instead."""
+        wrapper = self._trainer.strategy.model if self._trainer is not None else None
+        with no_backward_sync(wrapper):
+            self.manual_backward(loss)
 
     def _clip_and_step(self, policy_opt, value_opt, update_policy: bool) -> dict[str, torch.Tensor]:
         norms = {}
         groups = [("value", value_opt)] + ([("policy", policy_opt)] if update_policy else [])
         for name, opt in groups:
             params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            average_gradients(params)  # the mean gradient over data-parallel ranks (DDP's hooks are off)
             if self.ppo.max_grad_norm is not None and params:
                 norms[f"{name}_grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.ppo.max_grad_norm)
             opt.step()
@@ -488,7 +535,7 @@ class PPOModule(LightningModule):
         self, rollout: Rollout, timings, stats: dict[str, torch.Tensor], train_time: float
     ) -> None:
         metrics = iteration_metrics(rollout, timings, stats, train_time, self.kl_controller.value)
-        self.log_dict(metrics, batch_size=len(rollout))
+        self.log_dict(metrics, batch_size=len(rollout), sync_dist=True)  # means over data-parallel ranks
         self.log("score", metrics["rollout/score_mean"], prog_bar=True, logger=False, batch_size=len(rollout))
         self.log("kl", metrics["rollout/kl"], prog_bar=True, logger=False, batch_size=len(rollout))
 
@@ -505,11 +552,11 @@ class PPOModule(LightningModule):
         rollout, _ = self._rollout(batch, generator=generator, update_running_stats=False)
         mask = rollout.response_mask
         n = len(rollout)
-        self.log("val/score", rollout.scores.mean(), batch_size=n, prog_bar=True)
-        self.log("val/score_normalised", rollout.raw_scores.mean(), batch_size=n)
-        self.log("val/kl", sequence_kl(kl_k1, rollout).mean(), batch_size=n)
-        self.log("val/response_len", mask.sum(1).float().mean(), batch_size=n)
-        self.log("val/eos_rate", rollout.ended_with_eos.float().mean(), batch_size=n)
+        self.log("val/score", rollout.scores.mean(), batch_size=n, prog_bar=True, sync_dist=True)
+        self.log("val/score_normalised", rollout.raw_scores.mean(), batch_size=n, sync_dist=True)
+        self.log("val/kl", sequence_kl(kl_k1, rollout).mean(), batch_size=n, sync_dist=True)
+        self.log("val/response_len", mask.sum(1).float().mean(), batch_size=n, sync_dist=True)
+        self.log("val/eos_rate", rollout.ended_with_eos.float().mean(), batch_size=n, sync_dist=True)
 
     # -- optimisation ----------------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -119,7 +119,11 @@ class SequenceScorer:
     """Turns finished responses into shaped scores ``(B,)`` (see the module docstring for the order of steps)."""
 
     def __init__(
-        self, args: RewardArgs, reward_model: torch.nn.Module | None, reward_tokenizer: Any = None
+        self,
+        args: RewardArgs,
+        reward_model: torch.nn.Module | None,
+        reward_tokenizer: Any = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if args.model_weight != 0 and reward_model is None:
             raise ValueError("rewards.model_weight is non-zero but no reward model was given (reward_from)")
@@ -129,7 +133,7 @@ class SequenceScorer:
         self.specs = list(args.functions)
         self.functions = [load_reward_function(spec) for spec in args.functions]
         self.function_weights = list(args.function_weights or [1.0] * len(self.functions))
-        self.running = RunningMoments()
+        self.running = RunningMoments(reduce)  # reduce: across data-parallel ranks (see RunningMoments)
 
     @torch.no_grad()
     def raw_scores(
@@ -214,7 +218,8 @@ class SequenceScorer:
         scores = raw
         if self.args.running_normalize:
             counted = raw if self.args.missing_eos_score is None else raw[ended_with_eos]
-            if update_running and counted.numel():  # scores replaced below never enter the statistics
+            # scores replaced below never enter the statistics; every rank folds in (a collective), even none
+            if update_running:
                 self.running.update(counted)
             std = self.running.std
             if std > 1e-8:  # no spread seen yet: dividing by ~0 would blow scores up to the clip limit

@@ -6,7 +6,8 @@ Steps (Huang et al. 2024, arXiv 2403.17031, and ``../shared/PPO_CHECKLIST.md``):
        dividing logits by the same temperature as sampling,
     3. score the truncated responses (reward model at the last real token, reward functions on decoded text),
     4. per-token reward ``-beta * k1`` plus the shaped score at the last response token,
-    5. GAE over response tokens (gamma, lambda), returns = advantages + values, advantages whitened over valid tokens.
+    5. GAE over response tokens (gamma, lambda), returns = advantages + values, advantages whitened over valid tokens
+       (of every data-parallel rank: the whitening moments are global, ``rlhf_lightning.distributed``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rlhf_lightning.distributed import global_masked_moments
 from rlhf_lightning.functional.advantages import gae
 from rlhf_lightning.functional.kl import kl_penalized_rewards
 from rlhf_lightning.functional.logprobs import logprobs_from_logits
@@ -69,12 +71,14 @@ def rewards_and_advantages(
     """Steps 4-5: per-token rewards, advantages and returns (B, R) each, 0 on padding.
 
     scores (B,); logprobs, ref_logprobs, values (B, R); response_mask (B, R) bool. Values at padded positions never
-    reach the rewards, the GAE recursion or the whitening statistics.
+    reach the rewards, the GAE recursion or the whitening statistics. The whitening mean and variance are those of
+    the valid tokens of every data-parallel rank (a collective: every rank calls this together).
     """
     rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, response_mask, kl_beta)
     advantages, returns = gae(rewards, values, response_mask, gamma=gamma, lam=lam)
     if whiten:
-        advantages = masked_whiten(advantages, response_mask)
+        mean, var, _ = global_masked_moments(advantages, response_mask)
+        advantages = masked_whiten(advantages, response_mask, moments=(mean, var))
     return rewards, advantages, returns
 
 

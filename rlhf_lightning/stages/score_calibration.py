@@ -10,6 +10,9 @@ prompts, and stored in the PPO checkpoint.
 Only replies that end with EOS count: the others get the fixed ``missing_eos_score`` in PPO, so their reward-model
 score never reaches a reward (all replies count when fewer than two ended).
 
+Several data-parallel ranks: each samples its share of the replies (its own seed and prompts) and the mean, std, count
+and EOS share are reduced over all ranks (``rlhf_lightning.distributed``), so every rank normalises alike.
+
 The critic starts from the reward model (same trunk, head copied) but must predict PPO's returns, made of shaped
 scores, so :func:`fold_normalization` rewrites its copied head to output the expected shaped score of a reference
 reply: the normalised score (times the reward model's weight) for the share ``p`` of replies that end with EOS, the
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rlhf_lightning.distributed import all_reduce_sum, global_masked_moments
 from rlhf_lightning.models.generation import GenerationArgs, generate
 from rlhf_lightning.stages.rewards import SequenceScorer
 from rlhf_lightning.types import PromptBatch
@@ -66,16 +70,20 @@ def measure_score_stats(
     samples: int,
     generator: torch.Generator | None = None,
     forward_batch_size: int | None = None,
+    start: int = 0,
 ) -> ScoreStats:
-    """Sample ``samples`` replies from ``reference`` (cycling over the rows of ``prompts``, left-padded) and return the
-    mean and std of the reward model's raw scores on those that ended with EOS."""
-    if samples < 2:
-        raise ValueError(f"calibration needs at least 2 samples, got {samples}")
+    """Sample ``samples`` replies from ``reference`` (cycling over the rows of ``prompts``, left-padded, from row
+    ``start``) and return the mean and std of the reward model's raw scores on those that ended with EOS.
+
+    A collective under several data-parallel ranks: each rank passes its own share of ``samples`` (and its own
+    ``generator`` and ``start``), and the statistics returned are those of the replies of every rank."""
+    if samples < 1:
+        raise ValueError(f"calibration needs at least 1 sample per rank, got {samples}")
     chunk = forward_batch_size or len(prompts)
     all_scores, all_eos = [], []
     done = 0
     while done < samples:
-        rows = [(done + i) % len(prompts) for i in range(min(chunk, samples - done))]
+        rows = [(start + done + i) % len(prompts) for i in range(min(chunk, samples - done))]
         index = torch.tensor(rows, device=prompts.input_ids.device)
         ids, mask = prompts.input_ids[index], prompts.attention_mask[index]
         out = generate(
@@ -95,13 +103,14 @@ def measure_score_stats(
         all_eos.append((out.response_ids == tokenizer.eos_id).logical_and(out.response_mask).any(dim=1))
         done += len(rows)
     scores, ended = torch.cat(all_scores), torch.cat(all_eos)
-    counted = scores[ended] if int(ended.sum()) >= 2 else scores
-    std = float(counted.std())
+    total, ended_total = all_reduce_sum(torch.tensor([float(len(scores)), float(ended.sum())])).tolist()
+    counted = ended if ended_total >= 2 else torch.ones_like(ended)
+    mean, var, count = global_masked_moments(scores.double(), counted)
     return ScoreStats(
-        mean=float(counted.mean()),
-        std=max(std, 1e-6),
-        samples=int(counted.numel()),
-        eos_fraction=float(ended.float().mean()),
+        mean=float(mean),
+        std=max(float(var.sqrt()), 1e-6),
+        samples=int(count),
+        eos_fraction=ended_total / total,
     )
 
 

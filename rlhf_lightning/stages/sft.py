@@ -8,8 +8,12 @@
 
 Validation logs the token-weighted ``val/loss`` and ``val/ppl = exp(val/loss)``.
 
-Choices: the loss is a mean over assistant tokens of the whole batch (not a mean of per-conversation means), as in
-most SFT trainers, so long replies weigh by their length. Weights are built in ``configure_model`` (never in
+Choices: the loss is a mean over assistant tokens of the whole optimizer step (not a mean of per-conversation means),
+as in most SFT trainers, so long replies weigh by their length. "Whole step" means every batch accumulated into it
+(``accumulate_grad_batches``) on every data-parallel rank: ``training_step`` backpropagates the token *sum* and
+``on_before_optimizer_step`` divides the gradients by the step's global token count, so 2 ranks x batch b, or 2
+accumulated batches of b, step exactly as one batch of 2b (not as a mean of per-batch token means). ``train/loss``
+logs each batch's token mean. Weights are built in ``configure_model`` (never in
 ``__init__``), from a fresh preset or from ``init_from`` (a checkpoint or a stage folder). The tokenizer comes from the
 DataModule that meets this module in the Trainer (duck-typed ``datamodule.tokenizer``), or from ``tokenizer_path``.
 
@@ -34,6 +38,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
+from rlhf_lightning.distributed import all_reduce_sum, world_size
 from rlhf_lightning.functional.losses import token_nll_loss
 from rlhf_lightning.models.factory import ModelArgs, build_model, model_from_spec, model_spec
 from rlhf_lightning.optim import WarmupCosineLR, bind_total_steps
@@ -80,6 +85,7 @@ class SFTModule(LightningModule):
         self.val_loss = MeanMetric()
         self._step_started: float | None = None
         self._tokens_in_step = 0
+        self._target_tokens = torch.zeros(())  # assistant tokens backpropagated since the last optimizer step
 
     # -- weights ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -161,7 +167,24 @@ class SFTModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))  # 3. log
         self.log("train/target_tokens", stats["tokens"].float(), reduce_fx="sum", batch_size=len(batch))
         self._tokens_in_step = int(batch.attention_mask.sum())
-        return loss
+        self._target_tokens = self._target_tokens.to(loss.device) + stats["tokens"]
+        return (
+            loss * stats["tokens"]
+        )  # the token sum: on_before_optimizer_step divides by the step's token count
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Turn the accumulated gradient of token sums into the gradient of the token mean over the whole step.
+
+        Lightning divides each backward by ``accumulate_grad_batches`` and DDP averages over ranks; multiplying by
+        both and dividing by the assistant tokens of every accumulated batch on every rank leaves the exact token
+        mean (an all-reduce of one number per optimizer step)."""
+        tokens = all_reduce_sum(self._target_tokens.float()).clamp_min(1)
+        scale = self.trainer.accumulate_grad_batches * world_size() / tokens
+        self._target_tokens = torch.zeros((), device=tokens.device)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(scale.to(param.grad.device, param.grad.dtype))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._step_started is not None:

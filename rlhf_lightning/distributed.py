@@ -1,0 +1,127 @@
+"""Reductions across data-parallel ranks: the one place PPO's statistics become global.
+
+DESIGN.md: "every statistic that normalises or steers is global", so two ranks with batch b behave as one rank with
+batch 2b. Every function here is a no-op (or returns the local value) when ``torch.distributed`` is not initialised
+or the world has one process, so the same code runs on one device, under Lightning's DDP (gloo on CPU, NCCL on GPUs),
+and in unit tests that spawn gloo processes themselves.
+
+Every function is a collective: every rank must call it, in the same order, with tensors of the same shape.
+
+Moments are reduced as ``(count, sum, sum of squares)`` in float64, so ranks with different numbers of valid tokens
+combine exactly (not as a mean of per-rank means).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "all_gather_tensors",
+    "all_reduce_sum",
+    "average_gradients",
+    "global_masked_moments",
+    "global_mean",
+    "global_rank",
+    "no_backward_sync",
+    "world_size",
+]
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of data-parallel processes (1 without ``torch.distributed``)."""
+    return dist.get_world_size() if _active() else 1
+
+
+def global_rank() -> int:
+    """This process's rank (0 without ``torch.distributed``)."""
+    return dist.get_rank() if _active() else 0
+
+
+def _on_backend_device(tensor: Tensor) -> Tensor:
+    """``tensor`` where the process group can reduce it: NCCL reduces CUDA tensors only."""
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    return tensor
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Element-wise sum of ``tensor`` over all ranks, as a new tensor on ``tensor``'s device (``tensor`` itself is
+    left unchanged)."""
+    if not _active():
+        return tensor.detach().clone()
+    out = _on_backend_device(tensor.detach()).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(tensor.device)
+
+
+def all_gather_tensors(tensor: Tensor) -> list[Tensor]:
+    """``[tensor of rank 0, tensor of rank 1, ...]`` (every rank's tensor must have the same shape and dtype)."""
+    if not _active():
+        return [tensor.detach().clone()]
+    local = _on_backend_device(tensor.detach()).contiguous()
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, local)
+    return [t.to(tensor.device) for t in out]
+
+
+def global_mean(x: Tensor) -> Tensor:
+    """Mean of every element of ``x`` on every rank (ranks may hold different numbers of elements); 0 if none."""
+    sums = all_reduce_sum(
+        torch.stack([x.detach().double().sum(), x.new_tensor(x.numel(), dtype=torch.float64)])
+    )
+    return (sums[0] / sums[1].clamp_min(1)).to(x.dtype if x.is_floating_point() else torch.float32)
+
+
+def global_masked_moments(
+    x: Tensor, mask: Tensor | None = None, unbiased: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, var, count)`` of the entries of ``x`` where ``mask`` is True, over every rank.
+
+    Shapes: ``x`` any shape, e.g. advantages (B, R); ``mask`` bool, broadcastable to ``x`` (None = all count).
+    Returns three scalars: ``mean`` and ``var`` in ``x``'s dtype (``var`` with Bessel's correction when ``unbiased``;
+    0 with fewer than two values, as :func:`rlhf_lightning.functional.masked.masked_var`) and ``count`` (float64).
+    On one process this equals ``masked_mean`` / ``masked_var`` up to float rounding.
+    """
+    valid = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.expand_as(x)
+    kept = torch.where(valid, x.detach().double(), torch.zeros((), dtype=torch.float64, device=x.device))
+    local = torch.stack([valid.sum().double(), kept.sum(), (kept * kept).sum()])
+    n, total, squares = all_reduce_sum(local).unbind()
+    mean = total / n.clamp_min(1)
+    m2 = (squares - n * mean * mean).clamp_min(0)
+    var = m2 / ((n - 1) if unbiased else n).clamp_min(1)
+    return mean.to(x.dtype), var.to(x.dtype), n
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Replace each ``.grad`` with its mean over ranks (one flat all-reduce). Parameters without a gradient are
+    skipped, so every rank must have gradients on the same parameters (the same code path on every rank)."""
+    if not _active():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+@contextmanager
+def no_backward_sync(module: object) -> Iterator[None]:
+    """Switch off a ``DistributedDataParallel`` wrapper's gradient hooks for the backward passes inside the block
+    (nothing to do for any other module): the caller all-reduces gradients itself (:func:`average_gradients`)."""
+    parallel = torch.nn.parallel.DistributedDataParallel
+    with module.no_sync() if isinstance(module, parallel) else nullcontext():
+        yield

@@ -1,0 +1,225 @@
+"""Several data-parallel ranks on CPU (gloo): global statistics, per-rank generators, SFT token means, CLI runs.
+
+The equivalence tests spawn 2 gloo processes on tiny tensors: 2 ranks x batch b must give what 1 rank x batch 2b gives
+for every statistic that normalises or steers (DESIGN.md). The end-to-end runs (``slow``) run the shipped tiny configs
+as they are through ``rlhf-lightning fit`` with ``--trainer.strategy ddp --trainer.devices 2``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rlhf_lightning.distributed import all_gather_tensors, all_reduce_sum, global_masked_moments, global_mean
+from rlhf_lightning.functional.advantages import RunningMoments
+from rlhf_lightning.functional.kl import AdaptiveKLController, kl_k1
+from rlhf_lightning.functional.masked import masked_sum
+from rlhf_lightning.stages.ppo import PPOModule, rank_seed
+from rlhf_lightning.stages.rollout import rewards_and_advantages
+
+REPO = Path(__file__).resolve().parents[1]
+B, R = 4, 5  # rows per rank, response length
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A rollout-like batch of 2B rows: rank r holds rows [rB, (r+1)B)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([5, 1, 3, 4, 2, 5, 5, 3])  # uneven valid tokens, so per-rank counts differ
+    mask = torch.arange(R)[None] < lengths[:, None]
+    return {
+        "scores": torch.randn(2 * B, generator=g),
+        "logprobs": -torch.rand(2 * B, R, generator=g),
+        "ref_logprobs": -torch.rand(2 * B, R, generator=g),
+        "values": torch.randn(2 * B, R, generator=g),
+        "mask": mask,
+    }
+
+
+def _statistics(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Everything PPO reduces over ranks, computed on this process's share of the batch."""
+    _, advantages, _ = rewards_and_advantages(
+        batch["scores"],
+        batch["logprobs"],
+        batch["ref_logprobs"],
+        batch["values"],
+        batch["mask"],
+        kl_beta=0.1,
+        gamma=1.0,
+        lam=0.95,
+    )
+    running = RunningMoments(all_reduce_sum)
+    running.update(batch["scores"])
+    running.update(batch["scores"][batch["scores"] > 0])  # uneven counts per rank
+    controller = AdaptiveKLController(0.1, target=0.05, horizon=100)
+    kl = masked_sum(kl_k1(batch["logprobs"], batch["ref_logprobs"]), batch["mask"], dim=1)
+    n_sequences = int(all_reduce_sum(torch.tensor(float(len(kl)))))
+    controller.update(global_mean(kl), n_steps=n_sequences)
+    mean, var, count = global_masked_moments(batch["values"], batch["mask"])
+    return {
+        "advantages": advantages,
+        "running": torch.tensor([running.mean, running.var, running.count], dtype=torch.float64),
+        "beta": torch.tensor(controller.value, dtype=torch.float64),
+        "moments": torch.stack([mean.double(), var.double(), count]),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        part = {k: v[rank * B : (rank + 1) * B] for k, v in _batch().items()}
+        result = _statistics(part)
+        # per-rank generators: seeded apart, gathered as on_save_checkpoint gathers them, restored as on load
+        generator = torch.Generator().manual_seed(rank_seed(0, rank))
+        torch.rand(3, generator=generator)
+        payload = {"generator_states": all_gather_tensors(generator.get_state())}
+        payload["generator_state"] = payload["generator_states"][0]
+        before = torch.rand(4, generator=generator)
+        holder = type("Holder", (), {})()
+        holder.generator, holder._generator_seeded = torch.Generator(), False
+        PPOModule._restore_generator(holder, payload)
+        after = torch.rand(4, generator=holder.generator)
+        PPOModule._restore_generator(
+            holder, {"generator_state": payload["generator_state"]}
+        )  # older checkpoint
+        legacy = torch.rand(4, generator=holder.generator)
+        result.update(before=before, after=after, legacy=legacy)
+        torch.save(result, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_two_ranks_of_batch_b_give_the_statistics_of_one_rank_of_batch_2b(two_ranks):
+    one = _statistics(_batch())  # no process group: everything local
+    torch.testing.assert_close(torch.cat([r["advantages"] for r in two_ranks]), one["advantages"])
+    for key in ("running", "beta", "moments"):
+        for rank in two_ranks:  # every rank holds the same (global) value, equal to one rank's
+            torch.testing.assert_close(rank[key], one[key], msg=key)
+    # the batch really is uneven across ranks (else a mean of per-rank means would pass too)
+    mask = _batch()["mask"]
+    assert mask[:B].sum() != mask[B:].sum()
+
+
+def test_every_rank_resumes_its_own_generator_stream(two_ranks):
+    first, second = two_ranks
+    assert not torch.equal(first["before"], second["before"])  # distinct samples per rank before the save
+    for rank in two_ranks:  # and after a resume: each rank continues its own stream
+        torch.testing.assert_close(rank["after"], rank["before"])
+    # a checkpoint holding only rank 0's state: rank 0 continues it, rank 1 starts a stream of its own
+    torch.testing.assert_close(first["legacy"], first["before"])
+    assert not torch.equal(second["legacy"], first["legacy"])
+
+
+# ------------------------------------------------------------------------------------------------------- SFT loss
+def test_sft_accumulated_step_is_the_token_mean_of_the_whole_step(tmp_path, tiny_tokenizer):
+    """2 accumulated batches with different token counts step as one batch of both: the token mean, not the mean of
+    the two batch means."""
+    from trainers import quiet_trainer  # tests/ is on sys.path under pytest
+
+    from rlhf_lightning.models.factory import ModelArgs, build_model
+    from rlhf_lightning.stages.sft import SFTModule
+    from rlhf_lightning.types import SFTBatch
+
+    torch.manual_seed(0)
+    ids = torch.randint(5, 500, (4, 12))
+    attention = torch.ones_like(ids, dtype=torch.bool)
+    loss_mask = torch.zeros_like(attention)
+    loss_mask[0, 2:12] = True  # batch 1: 10 + 9 target tokens ...
+    loss_mask[1, 3:12] = True
+    loss_mask[2:, 10:12] = True  # ... batch 2: 2 + 2
+    batches = [SFTBatch(ids[i : i + 2], attention[i : i + 2], loss_mask[i : i + 2]) for i in (0, 2)]
+    whole = SFTBatch(ids, attention, loss_mask)
+
+    def module() -> SFTModule:
+        m = SFTModule(
+            optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
+            scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
+        )
+        torch.manual_seed(1)
+        m.model = build_model(ModelArgs(preset="tiny", dropout=0.0), tiny_tokenizer.vocab_size)
+        return m
+
+    reference = module()
+    start = {k: v.clone() for k, v in reference.model.state_dict().items()}
+    loss, _ = reference.loss(whole)
+    loss.backward()
+    expected = {n: start[n] - p.grad for n, p in reference.model.named_parameters()}
+
+    stepped = module()
+    trainer = quiet_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, limit_val_batches=0)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(stepped, train_dataloaders=loader)
+    for name, param in stepped.model.named_parameters():
+        torch.testing.assert_close(param.detach(), expected[name], msg=name, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- the shipped configs, 2 ranks
+def _fit(config: str, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "rlhf_lightning.cli", "fit", "--config", str(REPO / "configs" / config)]
+    cmd += ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
+
+
+def _metrics(folder: Path) -> list[dict[str, str]]:
+    import csv
+
+    (path,) = sorted(folder.glob("version_*/metrics.csv"))[-1:]
+    return list(csv.DictReader(path.open()))
+
+
+def _last(rows: list[dict[str, str]], key: str) -> float:
+    return [float(r[key]) for r in rows if r.get(key)][-1]
+
+
+@pytest.mark.slow
+def test_sft_reward_and_ppo_tiny_configs_run_on_two_cpu_ranks(tmp_path):
+    """The shipped tiny configs, unchanged, on 2 gloo ranks: SFT, reward, then PPO with an adaptive KL controller and
+    a critic warm-up iteration (policy left out of a step), resumed once; sane metrics, one beta on every rank."""
+    (tmp_path / "data").symlink_to(
+        REPO / "data"
+    )  # the configs' relative paths; outputs land under tmp_path/runs
+    _fit("sft_tiny.yaml", tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3")
+    sft = _metrics(tmp_path / "runs/tiny/sft")
+    assert 0 < _last(sft, "val/loss") < 10
+    _fit("reward_tiny.yaml", tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "10")
+    reward = _metrics(tmp_path / "runs/tiny/reward")
+    assert 0 <= _last(reward, "val/accuracy") <= 1
+    ppo_args = [
+        "--model.init_args.ppo.critic_warmup_iterations=1",
+        "--model.init_args.ppo.kl_target=0.01",
+        "--model.init_args.ppo.kl_horizon=50",
+        "--model.init_args.rewards.calibration_samples=8",
+        "--trainer.val_check_interval=2",
+    ]
+    _fit("ppo_tiny.yaml", tmp_path, "--trainer.max_steps", "3", *ppo_args)
+    ckpt = tmp_path / "runs/tiny/ppo/checkpoints/iter-step=3.ckpt"
+    payload = torch.load(ckpt, map_location="cpu", weights_only=False)["rlhf_lightning"]
+    states = payload["generator_states"]
+    assert len(states) == 2 and not torch.equal(states[0], states[1])
+    _fit("ppo_tiny.yaml", tmp_path, "--trainer.max_steps", "4", "--ckpt_path", str(ckpt), *ppo_args)
+    rows = _metrics(tmp_path / "runs/tiny/ppo")
+    assert _last(rows, "ppo/kl_beta") != 0.05  # the adaptive controller moved beta (the same on both ranks)
+    assert abs(_last(rows, "rollout/score_mean")) <= 5
