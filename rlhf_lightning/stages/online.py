@@ -11,10 +11,16 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+# Expected in these stages, so not worth a warning on every run: checkpoints hold the state AFTER each iteration's
+# updates (what resume needs), and the frozen reference and reward model stay in eval mode on purpose.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -38,7 +38,6 @@ Lightning mechanism counts iterations.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,11 +71,6 @@ from rlhf_lightning.stages.sample_tables import log_table
 from rlhf_lightning.stages.score_calibration import ScoreStats, fold_normalization, measure_score_stats
 from rlhf_lightning.stages.tokenizer_link import resolve_tokenizer, tokenizer_payload
 from rlhf_lightning.types import PromptBatch, Rollout, SFTBatch
-
-# Expected in this stage, so not worth a warning on every run: checkpoints hold the state AFTER each iteration's
-# updates (what resume needs), and the frozen reference and reward model stay in eval mode on purpose.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 @dataclass(frozen=True)
