@@ -43,6 +43,7 @@ from rlhf_lightning.models.factory import model_spec
 from rlhf_lightning.models.generation import GenerationArgs
 from rlhf_lightning.stages import online
 from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY
+from rlhf_lightning.stages.online import group_rollout_metrics, log_validation, repeat_prompts
 from rlhf_lightning.stages.ppo_metrics import SAMPLE_COLUMNS, sample_rows, sequence_kl
 from rlhf_lightning.stages.ppo_models import load_networks
 from rlhf_lightning.stages.rewards import RewardArgs, SequenceScorer, load_reward_function
@@ -116,18 +117,6 @@ class GRPOArgs:
 
 
 torch.serialization.add_safe_globals([GRPOArgs])  # typed config in checkpoint hyper-parameters
-
-
-def repeat_prompts(batch: PromptBatch, k: int) -> PromptBatch:
-    """Each prompt ``k`` times in a row: rows ``[g * k, (g + 1) * k)`` are prompt g's group (no ptx data)."""
-    return replace(
-        batch,
-        input_ids=batch.input_ids.repeat_interleave(k, 0),
-        attention_mask=batch.attention_mask.repeat_interleave(k, 0),
-        index=batch.index.repeat_interleave(k, 0),
-        rows=tuple(row for row in batch.rows for _ in range(k)),
-        ptx=None,
-    )
 
 
 def row_weights(response_mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> torch.Tensor:
@@ -309,25 +298,9 @@ class GRPOModule(LightningModule):
     def _log_iteration(
         self, rollout: Rollout, timings, stats: dict[str, torch.Tensor], train_time: float
     ) -> None:
-        scores, mask, n = rollout.scores, rollout.response_mask, len(rollout)
-        groups = scores.view(-1, self.grpo.group_size)
-        sequence_adv = rollout.advantages.sum(1) / mask.sum(1).clamp_min(1)
-        metrics = {
-            "rollout/score_mean": scores.mean(),
-            "rollout/score_std": scores.std(),
-            "rollout/score_normalised_mean": rollout.raw_scores.mean(),
-            "rollout/group_score_std": groups.std(dim=1).mean(),  # within-group spread: the learning signal
-            "rollout/zero_signal_groups": (groups.amax(1) == groups.amin(1)).float().mean(),
-            "rollout/advantage_std": sequence_adv.std(),
-            "rollout/kl": sequence_kl(kl_k1, rollout).mean(),
-            "rollout/kl_k3": sequence_kl(kl_k3, rollout).mean(),
-            "rollout/response_len": mask.sum(1).float().mean(),
-            "rollout/eos_rate": rollout.ended_with_eos.float().mean(),
-            "time/generation": torch.tensor(timings.generation),
-            "time/scoring": torch.tensor(timings.scoring),
-            "time/training": torch.tensor(train_time),
-            **{f"grpo/{key}": value for key, value in stats.items()},
-        }
+        n = len(rollout)
+        metrics = group_rollout_metrics(rollout, timings, self.grpo.group_size, train_time)
+        metrics.update({f"grpo/{key}": value for key, value in stats.items()})
         self.log_dict(metrics, batch_size=n)
         self.log("score", metrics["rollout/score_mean"], prog_bar=True, logger=False, batch_size=n)
         self.log("kl", metrics["rollout/kl"], prog_bar=True, logger=False, batch_size=n)
@@ -338,12 +311,7 @@ class GRPOModule(LightningModule):
             return
         generator = torch.Generator(device=self.device).manual_seed(self.seed + batch_idx)
         rollout, _ = self._sample(batch, generator=generator, update_running_stats=False)
-        n = len(rollout)
-        self.log("val/score", rollout.scores.mean(), batch_size=n, prog_bar=True)
-        self.log("val/score_normalised", rollout.raw_scores.mean(), batch_size=n)
-        self.log("val/kl", sequence_kl(kl_k1, rollout).mean(), batch_size=n)
-        self.log("val/response_len", rollout.response_mask.sum(1).float().mean(), batch_size=n)
-        self.log("val/eos_rate", rollout.ended_with_eos.float().mean(), batch_size=n)
+        log_validation(self, rollout)
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.policy.parameters())
