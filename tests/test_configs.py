@@ -17,6 +17,14 @@ STAGE_KEYS = {"trainer", "model", "data"}
 def test_configs_exist() -> None:
     assert REPO / "configs" / "sft.yaml" in CONFIGS
     assert REPO / "configs" / "sft_tiny.yaml" in CONFIGS
+    for name in (
+        "grpo",
+        "grpo_tiny",
+        "rloo",
+        "rloo_tiny",
+        "grpo_gsm8k",
+    ):  # the critic-free stage (stages/grpo.py)
+        assert REPO / "configs" / f"{name}.yaml" in CONFIGS
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

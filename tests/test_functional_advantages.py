@@ -6,6 +6,7 @@ import torch
 from rlhf_lightning.functional.advantages import (
     RunningMoments,
     gae,
+    group_advantages,
     group_relative_advantages,
     rloo_advantages,
 )
@@ -107,6 +108,26 @@ def test_rloo_advantages_hand_numbers():
     torch.testing.assert_close(out, torch.tensor([-1.5, 0.0, 1.5, -1.5, -1.5, 3.0]))
     with pytest.raises(ValueError):
         rloo_advantages(torch.tensor([1.0, 2.0]), 1)
+
+
+def test_named_baselines_by_hand():
+    """grpo divides by the group's std, Dr. GRPO does not (Liu et al. 2025), rloo leaves each sample out."""
+    scores = torch.tensor([0.0, 0.0, 0.0, 4.0, 1.0, 1.0, 1.0, 1.0])  # group 1: mean 1, unbiased std 2
+    torch.testing.assert_close(
+        group_advantages(scores, 4, "grpo"),
+        torch.tensor([-0.5, -0.5, -0.5, 1.5, 0, 0, 0, 0]),
+        atol=1e-5,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        group_advantages(scores, 4, "dr_grpo"), torch.tensor([-1.0, -1, -1, 3, 0, 0, 0, 0])
+    )
+    # 0 - 4/3 for the zeros, 4 - 0 for the four; a group of equal scores gets 0 under every baseline
+    torch.testing.assert_close(
+        group_advantages(scores, 4, "rloo"), torch.tensor([-4 / 3, -4 / 3, -4 / 3, 4.0, 0, 0, 0, 0])
+    )
+    with pytest.raises(ValueError, match="unknown baseline 'ppo'"):
+        group_advantages(scores, 4, "ppo")
 
 
 def test_running_moments_match_full_data_and_roundtrip():

@@ -19,7 +19,14 @@ from torch import Tensor
 
 from .masked import masked_sum
 
-__all__ = ["RunningMoments", "gae", "group_relative_advantages", "rloo_advantages"]
+__all__ = [
+    "BASELINES",
+    "RunningMoments",
+    "gae",
+    "group_advantages",
+    "group_relative_advantages",
+    "rloo_advantages",
+]
 
 
 def gae(
@@ -99,6 +106,26 @@ def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
     groups = _grouped(scores, group_size)
     baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
     return (groups - baseline).reshape(-1)
+
+
+BASELINES = ("grpo", "dr_grpo", "rloo")
+
+
+def group_advantages(scores: Tensor, group_size: int, baseline: str) -> Tensor:
+    """Sequence advantages (B,) of consecutive groups of ``group_size`` scores under a named baseline.
+
+    ``grpo``: ``(s - mean_g) / (std_g + eps)`` (Shao et al. 2024); ``dr_grpo``: ``s - mean_g``, no std division
+    (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective", arXiv 2503.20783); ``rloo``:
+    ``s - mean of the other samples`` (Ahmadian et al. 2024). See :func:`group_relative_advantages` and
+    :func:`rloo_advantages` for shapes and layout.
+    """
+    if baseline == "grpo":
+        return group_relative_advantages(scores, group_size, normalize_std=True)
+    if baseline == "dr_grpo":
+        return group_relative_advantages(scores, group_size, normalize_std=False)
+    if baseline == "rloo":
+        return rloo_advantages(scores, group_size)
+    raise ValueError(f"unknown baseline {baseline!r}; expected one of {', '.join(BASELINES)}")
 
 
 class RunningMoments:

@@ -45,7 +45,6 @@ Lightning mechanism counts iterations.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +70,15 @@ from rlhf_lightning.guards import check_finite
 from rlhf_lightning.models.factory import model_spec
 from rlhf_lightning.models.generation import GenerationArgs
 from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY
+from rlhf_lightning.stages.online import (
+    check_full_distribution,
+    check_precision,
+    count_iteration,
+    drop_frozen,
+    rank_seed,
+    restore_frozen,
+    sampling_generator,
+)
 from rlhf_lightning.stages.ppo_metrics import SAMPLE_COLUMNS, iteration_metrics, sample_rows, sequence_kl
 from rlhf_lightning.stages.ppo_models import load_networks
 from rlhf_lightning.stages.rewards import RewardArgs, SequenceScorer, load_reward_function
@@ -79,11 +87,6 @@ from rlhf_lightning.stages.sample_tables import log_table
 from rlhf_lightning.stages.score_calibration import ScoreStats, fold_normalization, measure_score_stats
 from rlhf_lightning.stages.tokenizer_link import resolve_tokenizer, tokenizer_payload
 from rlhf_lightning.types import PromptBatch, Rollout, SFTBatch
-
-# Expected in this stage, so not worth a warning on every run: checkpoints hold the state AFTER each iteration's
-# updates (what resume needs), and the frozen reference and reward model stay in eval mode on purpose.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 @dataclass(frozen=True)
@@ -163,11 +166,6 @@ torch.serialization.add_safe_globals([PPOArgs])
 FROZEN_PREFIXES = ("reference.", "reward_model.")  # networks PPO never trains: not stored in its checkpoints
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """Sampling seed of data-parallel rank ``rank``: ``seed`` on rank 0, a different one on every other rank."""
-    return seed + 1000003 * rank
-
-
 class PPOModule(LightningModule):
     """RLHF PPO stage (see the module docstring for the numbered steps of ``training_step``).
 
@@ -209,13 +207,7 @@ class PPOModule(LightningModule):
         super().__init__()
         for spec in rewards.functions:  # a bad "module:function" fails here, before any training
             load_reward_function(spec)
-        # rollout log-probs are those of the full tempered distribution: the tokens must be sampled from it
-        if not generation.samples_full_distribution:
-            raise ValueError(
-                f"PPO samples from the whole distribution: got generation.top_k={generation.top_k}, "
-                f"top_p={generation.top_p}, do_sample={generation.do_sample}, whose tokens do not follow the "
-                "log-probs PPO stores and recomputes (off-policy ratios); use top_k: 0, top_p: 1.0, do_sample: true"
-            )
+        check_full_distribution(generation, "PPO")
         self.save_hyperparameters(ignore=["policy_optimizer", "value_optimizer"])
         self.automatic_optimization = False
         self.policy_from, self.reward_from = policy_from, reward_from
@@ -240,13 +232,7 @@ class PPOModule(LightningModule):
 
     # -- weights ---------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        # manual optimisation steps the raw optimizers: no GradScaler unscaling or skipping of inf steps
-        precision = str(self.trainer.precision)
-        if precision.startswith("16"):
-            raise ValueError(
-                f"PPO does not support trainer.precision={precision!r}: its manual optimisation bypasses the fp16 "
-                "GradScaler; use bf16-mixed (or 32-true)"
-            )
+        check_precision(self.trainer.precision, "PPO")
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -270,9 +256,7 @@ class PPOModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the frozen networks are rebuilt from policy_from / reward_from: a checkpoint stores what resume needs
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
-            del state[key]
+        drop_frozen(checkpoint, FROZEN_PREFIXES)
         checkpoint[PAYLOAD_KEY] = {
             "stage": "ppo",
             "backbone_prefix": "policy.",
@@ -290,10 +274,7 @@ class PPOModule(LightningModule):
         if (
             self.policy is not None
         ):  # the frozen networks as configure_model built them (strict loading holds)
-            state = checkpoint.setdefault("state_dict", {})
-            for key, value in self.state_dict().items():
-                if key.startswith(FROZEN_PREFIXES):
-                    state.setdefault(key, value)
+            restore_frozen(checkpoint, self, FROZEN_PREFIXES)
         self.kl_controller.load_state_dict(payload["kl_controller"])
         if self.policy is not None:
             self.scorer.running.load_state_dict(payload["running_scores"])
@@ -404,10 +385,7 @@ class PPOModule(LightningModule):
     ) -> tuple[Rollout, Any]:
         self.policy.eval(), self.value_model.eval()
         if generator is None:
-            generator = self.generator if self.device.type == "cpu" else None
-        if generator is None:  # CUDA sampling: a device generator seeded from ours keeps runs reproducible
-            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            generator = sampling_generator(self.generator, self.device)
         return make_rollout(
             policy=self.policy,
             reference=self.reference,
@@ -526,9 +504,7 @@ class PPOModule(LightningModule):
 
     def _count_iteration(self) -> None:
         """Advance Lightning's global step by one per PPO iteration (see the module docstring)."""
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        progress.increment_ready()
-        progress.increment_completed()
+        count_iteration(self.trainer)
 
     # -- logging ----------------------------------------------------------------------------------------------------
     def _log_iteration(

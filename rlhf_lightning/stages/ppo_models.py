@@ -101,7 +101,7 @@ class PPONetworks:
     policy: nn.Module
     reference: nn.Module
     reward_model: RewardModel | None
-    value_model: ValueModel
+    value_model: ValueModel | None  # None when ``value_from`` is None (critic-free stages: GRPO/RLOO)
     tokenizer: Any
     reward_tokenizer: Any = None  # set only when the reward model's tokenizer differs from the policy's
     critic_from_reward_head: bool = False  # the value head is a copy of the reward head (raw score scale)
@@ -110,13 +110,14 @@ class PPONetworks:
 def load_networks(
     policy_from: str,
     reward_from: str | None,
-    value_from: str,
+    value_from: str | None,
     share_value_trunk: bool,
     provided_tokenizer: Any,
     trust_remote_code: bool = False,
 ) -> PPONetworks:
-    """Build the policy, reference, reward model and critic (see the module docstring). ``trust_remote_code`` is the
-    user's flag for Hugging Face backbones that need their folder's own code; a stored one is never honoured."""
+    """Build the policy, reference, reward model and critic (see the module docstring); no critic when
+    ``value_from`` is None. ``trust_remote_code`` is the user's flag for Hugging Face backbones that need their
+    folder's own code; a stored one is never honoured."""
     backbone_of = functools.partial(_backbone, trust_remote_code=trust_remote_code)
     loaded: dict[str, dict[str, Any]] = {}
 
@@ -154,7 +155,9 @@ def load_networks(
         )
         value_from = policy_from
     critic_from_reward_head = False
-    if share_value_trunk:
+    if value_from is None:
+        value_model = None
+    elif share_value_trunk:
         value_model = ValueModel(policy)
     else:
         value_ckpt = checkpoint(value_from)

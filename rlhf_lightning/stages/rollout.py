@@ -1,5 +1,8 @@
 """One PPO rollout: sample, score, and turn scores into advantages. No optimizer, no logging.
 
+Steps 1-3 are :func:`sample_and_score`, shared with the critic-free GRPO/RLOO stage (``stages/grpo.py``);
+:func:`make_rollout` adds PPO's values, rewards and GAE advantages (steps 4-5).
+
 Steps (Huang et al. 2024, arXiv 2403.17031, and ``../shared/PPO_CHECKLIST.md``):
     1. sample responses with the KV cache at the training temperature (left-padded prompts, checked; stop at EOS),
     2. one batched forward each for policy log-probs, reference log-probs and values over prompt + response,
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -88,26 +91,23 @@ def _chunked(fn: Callable[[slice], Tensor], batch: int, chunk: int | None) -> Te
 
 
 @torch.no_grad()
-def make_rollout(
+def sample_and_score(
     *,
     policy: torch.nn.Module,
     reference: torch.nn.Module,
-    value_model: torch.nn.Module,
     scorer: SequenceScorer,
     tokenizer,
     batch: PromptBatch,
     generation: GenerationArgs,
-    kl_beta: float,
-    gamma: float,
-    lam: float,
-    whiten_advantages: bool = True,
     forward_batch_size: int | None = None,
     generator: torch.Generator | None = None,
     update_running_stats: bool = True,
 ) -> tuple[Rollout, RolloutTimings]:
-    """Sample responses to ``batch`` and compute everything a PPO update needs (see the module docstring).
+    """Steps 1-3 (sample, policy and reference log-probs, shaped scores), shared by PPO and GRPO/RLOO.
 
-    ``update_running_stats=False`` (evaluation) shapes scores with the running statistics without updating them.
+    The returned rollout's ``values``, ``rewards``, ``advantages`` and ``returns`` are zeros (B, R): the caller's
+    algorithm fills them. ``update_running_stats=False`` (evaluation) shapes scores with the running statistics
+    without updating them.
     """
     check_left_padded(
         batch.attention_mask,
@@ -138,7 +138,6 @@ def make_rollout(
     # 2. one batched forward per model
     logprobs = rows(lambda s, m: response_logprobs_of(policy, s, m, P, temperature))
     ref_logprobs = rows(lambda s, m: response_logprobs_of(reference, s, m, P, temperature))
-    values = rows(lambda s, m: response_values(value_model, s, m, P))
 
     # 3. score what a user would see
     ended_with_eos = (response == tokenizer.eos_id).logical_and(response_mask).any(dim=1)
@@ -150,13 +149,9 @@ def make_rollout(
     extra_rows = list(batch.rows) if batch.rows else [{} for _ in range(B)]
     raw_scores = scorer.raw_scores(sequences, mask, prompts, texts, extra_rows, forward_batch_size)
     scores = scorer.shape(raw_scores, ended_with_eos, update_running=update_running_stats)
-
-    # 4. KL-penalised per-token rewards, 5. GAE and whitening over valid tokens only
-    rewards, advantages, returns = rewards_and_advantages(
-        scores, logprobs, ref_logprobs, values, response_mask, kl_beta, gamma, lam, whiten_advantages
-    )
     scored = time.perf_counter()
 
+    zeros = torch.zeros_like(logprobs)
     rollout = Rollout(
         query_ids=query,
         query_mask=query_mask,
@@ -164,12 +159,12 @@ def make_rollout(
         response_mask=response_mask,
         logprobs=logprobs,
         ref_logprobs=ref_logprobs,
-        values=values,
+        values=zeros,
         scores=scores,
         raw_scores=raw_scores,
-        rewards=rewards,
-        advantages=advantages,
-        returns=returns,
+        rewards=zeros,
+        advantages=zeros,
+        returns=zeros,
         ended_with_eos=ended_with_eos,
         texts=texts,
         prompts=tuple(tokenizer.decode(ids) for ids in query.tolist()),
@@ -177,4 +172,59 @@ def make_rollout(
     timings = RolloutTimings(
         generation=generated - started, scoring=scored - generated, generated_tokens=int(response_mask.sum())
     )
+    return rollout, timings
+
+
+@torch.no_grad()
+def make_rollout(
+    *,
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    value_model: torch.nn.Module,
+    scorer: SequenceScorer,
+    tokenizer,
+    batch: PromptBatch,
+    generation: GenerationArgs,
+    kl_beta: float,
+    gamma: float,
+    lam: float,
+    whiten_advantages: bool = True,
+    forward_batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    update_running_stats: bool = True,
+) -> tuple[Rollout, RolloutTimings]:
+    """Sample responses to ``batch`` and compute everything a PPO update needs (see the module docstring).
+
+    ``update_running_stats=False`` (evaluation) shapes scores with the running statistics without updating them.
+    """
+    rollout, timings = sample_and_score(  # steps 1-3
+        policy=policy,
+        reference=reference,
+        scorer=scorer,
+        tokenizer=tokenizer,
+        batch=batch,
+        generation=generation,
+        forward_batch_size=forward_batch_size,
+        generator=generator,
+        update_running_stats=update_running_stats,
+    )
+    started = time.perf_counter()
+    sequences, mask, P = rollout.sequences, rollout.sequence_mask, rollout.query_ids.shape[1]
+    values = _chunked(
+        lambda s: response_values(value_model, sequences[s], mask[s], P), len(rollout), forward_batch_size
+    )
+    # 4. KL-penalised per-token rewards, 5. GAE and whitening over valid tokens only
+    rewards, advantages, returns = rewards_and_advantages(
+        rollout.scores,
+        rollout.logprobs,
+        rollout.ref_logprobs,
+        values,
+        rollout.response_mask,
+        kl_beta,
+        gamma,
+        lam,
+        whiten_advantages,
+    )
+    rollout = replace(rollout, values=values, rewards=rewards, advantages=advantages, returns=returns)
+    timings = replace(timings, scoring=timings.scoring + time.perf_counter() - started)
     return rollout, timings

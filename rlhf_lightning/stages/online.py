@@ -1,0 +1,133 @@
+"""Pieces shared by the online RL stages (PPO in ``stages/ppo.py``, GRPO/RLOO in ``stages/grpo.py``).
+
+- :func:`count_iteration`: one Lightning global step per iteration under manual optimisation (the stages step the
+  raw optimizers, so ``max_steps``, ``ModelCheckpoint(every_n_train_steps)`` and resume count iterations),
+- :func:`rank_seed` and :func:`sampling_generator`: per-rank sampling seeds and a reproducible generator for the
+  rollout's device (CPU: the module's own generator; CUDA: a device generator seeded from it),
+- :func:`check_precision` and :func:`check_full_distribution`: settings the stages refuse with one clear error,
+- :func:`repeat_prompts`, :func:`group_rollout_metrics`, :func:`log_validation`: group sampling and what a
+  critic-free stage logs,
+- :func:`drop_frozen` / :func:`restore_frozen`: checkpoints hold no frozen network (reference, reward model); they are
+  rebuilt from ``policy_from`` / ``reward_from`` and put back before strict loading.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from rlhf_lightning.functional.kl import kl_k1, kl_k3
+from rlhf_lightning.stages.ppo_metrics import sequence_kl
+from rlhf_lightning.types import PromptBatch, Rollout
+
+# Expected in these stages, so not worth a warning on every run: checkpoints hold the state AFTER each iteration's
+# updates (what resume needs), and the frozen reference and reward model stay in eval mode on purpose.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Sampling seed of data-parallel rank ``rank``: ``seed`` on rank 0, a different one on every other rank."""
+    return seed + 1000003 * rank
+
+
+def count_iteration(trainer: Any) -> None:
+    """Advance Lightning's global step by one (call once per iteration of a manually optimised stage)."""
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    progress.increment_ready()
+    progress.increment_completed()
+
+
+def sampling_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """``generator`` itself on CPU; on another device a generator there seeded from it (runs stay reproducible)."""
+    if device.type == "cpu":
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def check_precision(precision: Any, stage: str) -> None:
+    """Refuse fp16: manual optimisation steps the raw optimizers, bypassing the GradScaler's unscaling and skips."""
+    precision = str(precision)
+    if precision.startswith("16"):
+        raise ValueError(
+            f"{stage} does not support trainer.precision={precision!r}: its manual optimisation bypasses the fp16 "
+            "GradScaler; use bf16-mixed (or 32-true)"
+        )
+
+
+def check_full_distribution(generation: Any, stage: str) -> None:
+    """Rollout log-probs are those of the full tempered distribution: the tokens must be sampled from it."""
+    if not generation.samples_full_distribution:
+        raise ValueError(
+            f"{stage} samples from the whole distribution: got generation.top_k={generation.top_k}, "
+            f"top_p={generation.top_p}, do_sample={generation.do_sample}, whose tokens do not follow the "
+            f"log-probs {stage} stores and recomputes (off-policy ratios); use top_k: 0, top_p: 1.0, do_sample: true"
+        )
+
+
+def drop_frozen(checkpoint: dict[str, Any], prefixes: Iterable[str]) -> None:
+    """Remove the ``state_dict`` entries of the frozen networks (keys starting with one of ``prefixes``)."""
+    prefixes = tuple(prefixes)
+    state = checkpoint.get("state_dict", {})
+    for key in [k for k in state if k.startswith(prefixes)]:
+        del state[key]
+
+
+def restore_frozen(checkpoint: dict[str, Any], module: torch.nn.Module, prefixes: Iterable[str]) -> None:
+    """Fill the frozen networks' entries back in from ``module`` as built (so strict loading holds)."""
+    prefixes = tuple(prefixes)
+    state = checkpoint.setdefault("state_dict", {})
+    for key, value in module.state_dict().items():
+        if key.startswith(prefixes):
+            state.setdefault(key, value)
+
+
+def repeat_prompts(batch: PromptBatch, k: int) -> PromptBatch:
+    """Each prompt ``k`` times in a row: rows ``[g * k, (g + 1) * k)`` are prompt g's group (no ptx data)."""
+    return replace(
+        batch,
+        input_ids=batch.input_ids.repeat_interleave(k, 0),
+        attention_mask=batch.attention_mask.repeat_interleave(k, 0),
+        index=batch.index.repeat_interleave(k, 0),
+        rows=tuple(row for row in batch.rows for _ in range(k)),
+        ptx=None,
+    )
+
+
+def group_rollout_metrics(
+    rollout: Rollout, timings: Any, group_size: int, train_time: float
+) -> dict[str, Any]:
+    """``rollout/*`` and ``time/*`` metrics of a rollout of consecutive groups of ``group_size`` replies."""
+    scores, mask = rollout.scores, rollout.response_mask
+    groups = scores.view(-1, group_size)
+    sequence_adv = rollout.advantages.sum(1) / mask.sum(1).clamp_min(1)
+    return {
+        "rollout/score_mean": scores.mean(),
+        "rollout/score_std": scores.std(),
+        "rollout/score_normalised_mean": rollout.raw_scores.mean(),
+        "rollout/group_score_std": groups.std(dim=1).mean(),  # within-group spread: the learning signal
+        "rollout/zero_signal_groups": (groups.amax(1) == groups.amin(1)).float().mean(),
+        "rollout/advantage_std": sequence_adv.std(),
+        "rollout/kl": sequence_kl(kl_k1, rollout).mean(),
+        "rollout/kl_k3": sequence_kl(kl_k3, rollout).mean(),
+        "rollout/response_len": mask.sum(1).float().mean(),
+        "rollout/eos_rate": rollout.ended_with_eos.float().mean(),
+        "time/generation": torch.tensor(timings.generation),
+        "time/scoring": torch.tensor(timings.scoring),
+        "time/training": torch.tensor(train_time),
+    }
+
+
+def log_validation(module: Any, rollout: Rollout) -> None:
+    """Log ``val/score``, ``val/score_normalised``, ``val/kl`` (k1), ``val/response_len``, ``val/eos_rate``."""
+    n = len(rollout)
+    module.log("val/score", rollout.scores.mean(), batch_size=n, prog_bar=True)
+    module.log("val/score_normalised", rollout.raw_scores.mean(), batch_size=n)
+    module.log("val/kl", sequence_kl(kl_k1, rollout).mean(), batch_size=n)
+    module.log("val/response_len", rollout.response_mask.sum(1).float().mean(), batch_size=n)
+    module.log("val/eos_rate", rollout.ended_with_eos.float().mean(), batch_size=n)
