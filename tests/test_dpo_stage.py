@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from trainers import quiet_trainer  # tests/ is on sys.path under pytest
 
 from rlhf_lightning.data.preference import PreferenceDataModule
@@ -137,24 +138,31 @@ def test_resume_from_an_end_of_epoch_checkpoint_matches_a_straight_run(
     sft_checkpoint, tiny_tokenizer, tmp_path
 ) -> None:
     args = dict(dpo=DPOArgs(loss="ipo", beta=0.5))
-    fit = partial(_trainer, limit_train_batches=3, limit_val_batches=0)
+
+    def fit(module: DPOModule, folder: Path, ckpt_path: Path | None = None) -> None:
+        every_epoch = ModelCheckpoint(dirpath=folder, filename="{epoch}", save_top_k=-1)
+        trainer = _trainer(
+            folder,
+            max_epochs=2,
+            limit_train_batches=3,
+            limit_val_batches=0,
+            enable_checkpointing=True,
+            callbacks=[every_epoch],
+        )
+        trainer.fit(module, datamodule=_data(tiny_tokenizer.source), ckpt_path=ckpt_path)
+
     torch.manual_seed(0)
     straight = _dpo(sft_checkpoint, tiny_tokenizer.source, **args)
-    fit(tmp_path / "a", max_epochs=2).fit(straight, datamodule=_data(tiny_tokenizer.source))
-    torch.manual_seed(0)
-    first = _dpo(sft_checkpoint, tiny_tokenizer.source, **args)
-    trainer = fit(tmp_path / "b", max_epochs=1)
-    trainer.fit(first, datamodule=_data(tiny_tokenizer.source))
-    checkpoint = tmp_path / "b" / "epoch1.ckpt"
-    trainer.save_checkpoint(checkpoint)
-    assert not any(k.startswith("reference.") for k in load_checkpoint(checkpoint)["state_dict"])
-    assert any(  # the first epoch moved the policy
-        not torch.equal(v, first.reference.state_dict()[k]) for k, v in first.policy.state_dict().items()
+    fit(straight, tmp_path / "straight")
+    first_epoch = tmp_path / "straight" / "epoch=0.ckpt"
+    assert not any(k.startswith("reference.") for k in load_checkpoint(first_epoch)["state_dict"])
+    assert any(  # training moved the policy away from its reference
+        not torch.equal(v, straight.reference.state_dict()[k])
+        for k, v in straight.policy.state_dict().items()
     )
+    torch.manual_seed(1)  # resume must not depend on the global seed
     resumed = _dpo(sft_checkpoint, tiny_tokenizer.source, **args)
-    fit(tmp_path / "c", max_epochs=2).fit(
-        resumed, datamodule=_data(tiny_tokenizer.source), ckpt_path=checkpoint
-    )
+    fit(resumed, tmp_path / "resumed", ckpt_path=first_epoch)
     expected, got = _policy_state(straight), _policy_state(resumed)
     assert expected.keys() == got.keys()
     for key in expected:
