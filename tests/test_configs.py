@@ -17,6 +17,7 @@ STAGE_KEYS = {"trainer", "model", "data"}
 def test_configs_exist() -> None:
     assert REPO / "configs" / "sft.yaml" in CONFIGS
     assert REPO / "configs" / "sft_tiny.yaml" in CONFIGS
+    assert {REPO / "configs" / "dpo.yaml", REPO / "configs" / "dpo_tiny.yaml"} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
