@@ -4,6 +4,7 @@ a policy (generate/export loader, PPO's policy_from)."""
 
 from __future__ import annotations
 
+import json
 import math
 from functools import partial
 from pathlib import Path
@@ -195,3 +196,20 @@ def test_dpo_args_are_checked_when_built() -> None:
     with pytest.raises(ValueError, match="beta"):
         DPOArgs(beta=0)
     assert DPOArgs(label_smoothing=0.1).loss_fn().keywords == {"beta": 0.1, "label_smoothing": 0.1}
+
+
+def test_pipeline_with_algorithm_dpo_runs_sft_then_dpo(tmp_path) -> None:
+    from rlhf_lightning.pipeline import RLHFConfig, RLHFPipeline
+
+    config = RLHFConfig.from_yaml(REPO / "configs" / "pipeline_tiny.yaml")
+    config.save_dir, config.tokenizer_path, config.logger = str(tmp_path / "run"), None, "csv"
+    config.algorithm, config.sft_epochs = "dpo", 1
+    summary = RLHFPipeline(config).run()
+    assert list(summary["stages"]) == ["sft", "dpo"]
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["stages"].keys() == {"sft", "dpo"} and not (tmp_path / "run" / "reward").exists()
+    assert {"val/loss", "val/accuracy", "val/margin"} <= on_disk["stages"]["dpo"].keys()
+    done = json.loads((tmp_path / "run" / "dpo" / "done.json").read_text())
+    assert load_checkpoint(done["checkpoint"])[PAYLOAD_KEY]["stage"] == "dpo"
+    with pytest.raises(ValueError, match="algorithm"):
+        RLHFConfig(algorithm="grpo")
