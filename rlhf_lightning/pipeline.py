@@ -1,4 +1,5 @@
-"""SFT -> reward model -> PPO in sequence, from one config (the project's main job).
+"""SFT -> reward model -> PPO in sequence, from one config (the project's main job); with ``algorithm: dpo``,
+SFT -> DPO on the preference pairs (no reward model).
 
 Each stage is an ordinary stage run: its YAML (``configs/sft.yaml`` ... or inline) is parsed by the same
 LightningCLI as ``rlhf-lightning fit``, the :class:`RLHFConfig` fields are written over it, and the checkpoint its
@@ -40,6 +41,10 @@ from unittest import mock
 import yaml
 
 STAGES = ("sft", "reward", "ppo")
+ALGORITHM_STAGES = {
+    "ppo": STAGES,
+    "dpo": ("sft", "dpo"),
+}  # RLHFConfig.algorithm -> the stages it runs, in order
 LOGGER_CHOICES = (
     "wandb",
     "tensorboard",
@@ -54,7 +59,7 @@ class RLHFConfig:
     Args:
         tokenizer_path: the tokenizer file; trained on the SFT data when it does not exist (default: in save_dir).
         sft_data_path: conversations for SFT (JSONL).
-        reward_data_path: preference pairs for the reward model (JSONL).
+        reward_data_path: preference pairs for the reward model, or for DPO (JSONL).
         ppo_data_path: prompts for PPO (JSONL).
         sft_val_path: held-out conversations to validate SFT on. Unset: the stage YAML's validation file while
             ``sft_data_path`` is the file that YAML trains on, else a held-out fraction of ``sft_data_path``
@@ -74,7 +79,9 @@ class RLHFConfig:
         model_preset: size preset of the built-in model (tiny, small, medium, large); None keeps the stage configs'.
         logger: where stages log besides their CSV record: ``wandb`` (offline without a key or network),
             ``tensorboard`` or ``csv`` (the CSV record only).
-        stage_configs: YAML file (or inline dict) per stage: ``sft``, ``reward``, ``ppo``.
+        stage_configs: YAML file (or inline dict) per stage: ``sft``, ``reward``, ``ppo``, ``dpo``.
+        algorithm: ``ppo`` (SFT -> reward model -> PPO) or ``dpo`` (SFT -> DPO on ``reward_data_path`` /
+            ``reward_val_path``, no reward model).
     """
 
     tokenizer_path: str | None = None
@@ -100,8 +107,10 @@ class RLHFConfig:
             "sft": "configs/sft.yaml",
             "reward": "configs/reward.yaml",
             "ppo": "configs/ppo.yaml",
+            "dpo": "configs/dpo.yaml",
         }
     )
+    algorithm: str = "ppo"
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda", "gpu", "mps"):
@@ -112,10 +121,13 @@ class RLHFConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}; expected a positive integer")
-        missing = [s for s in STAGES if s not in self.stage_configs]
+        if self.algorithm not in ALGORITHM_STAGES:
+            raise ValueError(f"algorithm={self.algorithm!r}; expected one of {sorted(ALGORITHM_STAGES)}")
+        stages = ALGORITHM_STAGES[self.algorithm]
+        missing = [s for s in stages if s not in self.stage_configs]
         if missing:
             raise ValueError(
-                f"stage_configs lacks {missing}; expected a YAML path or dict for each of {STAGES}"
+                f"stage_configs lacks {missing}; expected a YAML path or dict for each of {stages}"
             )
 
     @classmethod
@@ -163,14 +175,15 @@ class RLHFPipeline:
         model: dict[str, Any] | None = None,
         datamodules: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        bad = [s for s in stages or () if s not in STAGES]
+        self.chain = ALGORITHM_STAGES[config.algorithm]
+        bad = [s for s in stages or () if s not in self.chain]
         if bad:
-            raise ValueError(f"unknown stage(s) {bad}; expected some of {STAGES}")
+            raise ValueError(f"unknown stage(s) {bad}; expected some of {self.chain}")
         if stages is not None and not stages:
-            raise ValueError(f"no stage to run; expected some of {STAGES}")
+            raise ValueError(f"no stage to run; expected some of {self.chain}")
         self.config = config
         self.rerun = stages is not None  # named stages run again even when finished
-        self.stages = [s for s in STAGES if stages is None or s in stages]
+        self.stages = [s for s in self.chain if stages is None or s in stages]
         self.overwrite = overwrite
         self.model = model
         self.datamodules = datamodules or {}
@@ -202,7 +215,7 @@ class RLHFPipeline:
         model_args = config.setdefault("model", {}).setdefault("init_args", {})
         if "tokenizer_path" in data_args or "class_path" not in self.datamodules.get(stage, {}):
             data_args["tokenizer_path"] = self.tokenizer_path
-        if self.model is not None and stage != "ppo":
+        if self.model is not None and stage in ("sft", "reward"):
             model_args["model"] = {**model_args.get("model", {}), **self.model}
         elif c.model_preset is not None and stage == "sft":
             model_args.setdefault("model", {})["preset"] = c.model_preset
@@ -217,6 +230,8 @@ class RLHFPipeline:
             model_args["init_from"] = inputs.get("sft", model_args.get("init_from"))
             if c.reward_epochs is not None:
                 _set(config, "trainer.max_epochs", c.reward_epochs)
+        elif stage == "dpo":  # no reward model: the SFT policy is the start and the reference
+            model_args["policy_from"] = inputs.get("sft", model_args.get("policy_from"))
         else:
             model_args["policy_from"] = inputs.get("sft", model_args.get("policy_from"))
             model_args["reward_from"] = inputs.get("reward", model_args.get("reward_from"))
@@ -239,6 +254,7 @@ class RLHFPipeline:
         return {
             "sft": (c.sft_data_path, c.sft_val_path),
             "reward": (c.reward_data_path, c.reward_val_path),
+            "dpo": (c.reward_data_path, c.reward_val_path),  # the same preference pairs
             "ppo": (c.ppo_data_path, c.ppo_val_path),
         }[stage]
 
@@ -285,7 +301,7 @@ class RLHFPipeline:
         summary = self._read_json(self.root / "summary.json") or {"stages": {}}
         summary["config"] = asdict(self.config)
         inputs: dict[str, str] = {}
-        for stage in STAGES:
+        for stage in self.chain:
             done = self._read_json(self.root / stage / "done.json")
             if stage not in self.stages:
                 if done:
@@ -301,7 +317,7 @@ class RLHFPipeline:
                 inputs[stage] = done["checkpoint"]
                 summary["stages"][stage] = done["results"]
                 continue
-            for needed in STAGES[: STAGES.index(stage)]:
+            for needed in self.chain[: self.chain.index(stage)]:
                 if needed not in inputs:
                     raise FileNotFoundError(
                         f"stage '{stage}' needs the '{needed}' stage's checkpoint; expected {self.root / needed}"

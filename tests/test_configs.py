@@ -25,6 +25,7 @@ def test_configs_exist() -> None:
         "grpo_gsm8k",
     ):  # the critic-free stage (stages/grpo.py)
         assert REPO / "configs" / f"{name}.yaml" in CONFIGS
+    assert {REPO / "configs" / "dpo.yaml", REPO / "configs" / "dpo_tiny.yaml"} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

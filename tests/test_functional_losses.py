@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from rlhf_lightning.functional.losses import (
     dpo_loss,
     entropy_loss,
+    ipo_loss,
     pairwise_loss,
     ppo_policy_loss,
     ppo_value_loss,
@@ -194,15 +195,61 @@ def test_dpo_loss_hand_numbers():
     pc = torch.tensor([-1.0], requires_grad=True)
     loss, stats = dpo_loss(pc, torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.1)
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.2)), abs=1e-6)
-    assert stats["chosen_reward"].item() == pytest.approx(0.1)
-    assert stats["rejected_reward"].item() == pytest.approx(-0.1)
-    assert stats["reward_margin"].item() == pytest.approx(0.2)
+    assert stats["reward_chosen"].item() == pytest.approx(0.1)
+    assert stats["reward_rejected"].item() == pytest.approx(-0.1)
+    assert stats["margin"].item() == pytest.approx(0.2)
     assert stats["accuracy"].item() == 1.0
     loss.backward()
     assert pc.grad.item() < 0  # raising the chosen log-prob lowers the loss
     # policy == reference -> margin 0 -> loss ln 2
     x = torch.randn(4)
     assert dpo_loss(x, x + 1, x, x + 1)[0].item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_conservative_dpo_label_smoothing_hand_numbers():
+    # same pair as above (beta * h = 0.2), label smoothing 0.1:
+    # 0.9 * log(1 + e^-0.2) + 0.1 * log(1 + e^0.2) = 0.9 * 0.598139 + 0.1 * 0.798139 = 0.618139
+    pc = torch.tensor([-1.0], requires_grad=True)
+    args = (torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]))
+    loss, stats = dpo_loss(pc, *args, beta=0.1, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(0.618139, abs=1e-6)
+    assert stats["margin"].item() == pytest.approx(0.2) and stats["accuracy"].item() == 1.0
+    loss.backward()
+    # d/dpc = 0.1 * (-(0.9) * sigmoid(-0.2) + 0.1 * sigmoid(0.2)) = 0.1 * (-0.9 * 0.450166 + 0.1 * 0.549834)
+    assert pc.grad.item() == pytest.approx(0.1 * (-0.9 * 0.450166 + 0.1 * 0.549834), abs=1e-6)
+    # smoothing 0 is plain DPO; smoothing 0.5 or more is refused in one line
+    assert dpo_loss(pc, *args, beta=0.1, label_smoothing=0.0)[0].item() == pytest.approx(
+        math.log(1 + math.exp(-0.2))
+    )
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(pc, *args, label_smoothing=0.5)
+
+
+def test_ipo_loss_hand_numbers():
+    # beta 0.5 -> target gap 1 / (2 * 0.5) = 1.
+    # pair 1: chosen -1 vs ref -2 (+1), rejected -3 vs ref -2 (-1): h = 2 -> (2 - 1)^2 = 1
+    # pair 2: chosen -1.5 vs ref -2 (+0.5), rejected -2 vs ref -2 (0): h = 0.5 -> (0.5 - 1)^2 = 0.25; mean 0.625
+    pc = torch.tensor([-1.0, -1.5], requires_grad=True)
+    pr, rc, rr = torch.tensor([-3.0, -2.0]), torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0])
+    loss, stats = ipo_loss(pc, pr, rc, rr, beta=0.5)
+    assert loss.item() == pytest.approx(0.625)
+    # implicit rewards 0.5 * (policy - ref): chosen (0.5, 0.25) -> 0.375; rejected (-0.5, 0) -> -0.25
+    assert stats["reward_chosen"].item() == pytest.approx(0.375)
+    assert stats["reward_rejected"].item() == pytest.approx(-0.25)
+    assert stats["margin"].item() == pytest.approx(0.625) and stats["accuracy"].item() == 1.0
+    loss.backward()
+    # d/dpc_i = 2 * (h_i - 1) / B: pair 1 overshoots the target (+1: lower the chosen), pair 2 falls short (-0.5)
+    assert pc.grad.tolist() == pytest.approx([1.0, -0.5])
+    assert _detached(stats)
+
+
+def test_preference_losses_reject_mismatched_shapes_and_bad_beta():
+    x = torch.zeros(3)
+    for fn in (dpo_loss, ipo_loss):
+        with pytest.raises(ValueError, match=r"\(B,\)"):
+            fn(x, x, x, torch.zeros(2))
+        with pytest.raises(ValueError, match="beta"):
+            fn(x, x, x, x, beta=0.0)
 
 
 # ---------------------------------------------------------------- package surface

@@ -20,6 +20,7 @@ __all__ = [
     "dpo_loss",
     "entropy_bonus",
     "entropy_loss",
+    "ipo_loss",
     "pairwise_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
@@ -170,30 +171,89 @@ entropy_bonus = (
 )
 
 
+def _preference_stats(loss: Tensor, chosen_reward: Tensor, rejected_reward: Tensor) -> Stats:
+    """Stats shared by the offline preference losses: implicit rewards, their margin and the pair accuracy."""
+    return _detached(
+        loss=loss,
+        accuracy=(chosen_reward > rejected_reward).float().mean(),
+        reward_chosen=chosen_reward.mean(),
+        reward_rejected=rejected_reward.mean(),
+        margin=(chosen_reward - rejected_reward).mean(),
+    )
+
+
+def _implicit_rewards(
+    policy_chosen_logp: Tensor,
+    policy_rejected_logp: Tensor,
+    ref_chosen_logp: Tensor,
+    ref_rejected_logp: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor]:
+    """``beta * (policy - reference)`` for chosen and rejected (B,) each; the reference is detached."""
+    shapes = {
+        tuple(t.shape) for t in (policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp)
+    }
+    if len(shapes) != 1 or policy_chosen_logp.dim() != 1:
+        raise ValueError(
+            f"expected four (B,) sequence log-prob tensors of one shape, got shapes {sorted(shapes)}"
+        )
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    chosen = beta * (policy_chosen_logp - ref_chosen_logp.detach())
+    rejected = beta * (policy_rejected_logp - ref_rejected_logp.detach())
+    return chosen, rejected
+
+
 def dpo_loss(
     policy_chosen_logp: Tensor,
     policy_rejected_logp: Tensor,
     ref_chosen_logp: Tensor,
     ref_rejected_logp: Tensor,
     beta: float = 0.1,
+    label_smoothing: float = 0.0,
 ) -> tuple[Tensor, Stats]:
-    """Direct Preference Optimisation loss ``mean(-log sigmoid(beta * ((pc - rc) - (pr - rr))))``.
+    """Sigmoid DPO loss ``mean(-(1 - e) log sigmoid(beta * h) - e log sigmoid(-beta * h))``.
 
+    ``h = (pc - rc) - (pr - rr)``; with ``label_smoothing`` ``e = 0`` this is DPO, with ``0 < e < 0.5`` conservative
+    DPO (the preference label is taken to be flipped with probability ``e``).
     Shapes: each input (B,) = sum of response-token log-probs of a sequence (policy or frozen reference, chosen or
-    rejected). Returns the mean loss and stats ``{"loss", "accuracy" (implicit chosen reward > rejected),
-    "chosen_reward", "rejected_reward", "reward_margin"}`` where the implicit rewards are ``beta * (p - r)``.
-    Source: Rafailov et al. 2023, "Direct Preference Optimization", eq. 7.
+    rejected). Returns the mean loss and stats ``{"loss", "accuracy" (implicit chosen reward > rejected; a tie is
+    wrong), "reward_chosen", "reward_rejected", "margin" (mean chosen - rejected reward)}``, the implicit rewards being
+    ``beta * (policy - reference)``.
+    Source: Rafailov et al. 2023, "Direct Preference Optimization", eq. 7; conservative DPO: Mitchell 2023, "A note
+    on DPO with noisy preferences and relationship to IPO".
     """
-    ref_chosen_logp = ref_chosen_logp.detach()
-    ref_rejected_logp = ref_rejected_logp.detach()
-    chosen_reward = beta * (policy_chosen_logp - ref_chosen_logp)
-    rejected_reward = beta * (policy_rejected_logp - ref_rejected_logp)
-    margin = chosen_reward - rejected_reward
-    loss = -F.logsigmoid(margin).mean()
-    return loss, _detached(
-        loss=loss,
-        accuracy=(chosen_reward > rejected_reward).float().mean(),
-        chosen_reward=chosen_reward.mean(),
-        rejected_reward=rejected_reward.mean(),
-        reward_margin=margin.mean(),
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen, rejected = _implicit_rewards(
+        policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp, beta
     )
+    margin = chosen - rejected
+    losses = -F.logsigmoid(margin)
+    if label_smoothing > 0:
+        losses = (1.0 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-margin)
+    loss = losses.mean()
+    return loss, _preference_stats(loss, chosen, rejected)
+
+
+def ipo_loss(
+    policy_chosen_logp: Tensor,
+    policy_rejected_logp: Tensor,
+    ref_chosen_logp: Tensor,
+    ref_rejected_logp: Tensor,
+    beta: float = 0.1,
+) -> tuple[Tensor, Stats]:
+    """Identity preference optimisation ``mean((h - 1 / (2 * beta)) ** 2)``, ``h = (pc - rc) - (pr - rr)``.
+
+    Regresses the log-likelihood-ratio gap onto a fixed target instead of pushing it to infinity, so it does not
+    overfit deterministic preferences. ``beta`` is the paper's tau (the target gap is ``1 / (2 beta)``).
+    Shapes and stats as :func:`dpo_loss` (implicit rewards ``beta * (policy - reference)``).
+    Source: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences", eq. 17
+    (sequence log-likelihoods as in the paper; TRL averages them per token instead).
+    """
+    chosen, rejected = _implicit_rewards(
+        policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp, beta
+    )
+    gap = (chosen - rejected) / beta  # h
+    loss = ((gap - 1.0 / (2.0 * beta)) ** 2).mean()
+    return loss, _preference_stats(loss, chosen, rejected)
