@@ -26,7 +26,10 @@ Outputs (:func:`write_evaluation`): ``evaluation.json`` (everything above), ``ev
 printed), ``evaluation.png`` (``plots.save_evaluation_plot``), ``samples.csv`` (every prompt with each policy's reply
 and scores, side by side) and ``samples.md`` (the first ``sample_rows`` of them).
 
-Choices: prompts longer than ``max_prompt_length`` keep their end (left truncation, as the PPO DataModule does); one
+Choices: the reward model scores each reply as a finished conversation (prompt messages plus the reply as an
+assistant turn, rendered with the reward model's own chat template, closing EOS included), as ``rlhf-lightning score``
+does, whatever tokenizer the policy has; PPO's ``val/score`` instead scores the policy's token ids and replaces the
+score of a reply without EOS, so the two scales differ. Prompts longer than ``max_prompt_length`` keep their end (left truncation, as the PPO DataModule does); one
 seeded generator per policy walks the prompts in fixed batches, so a policy identical to the baseline gives identical
 replies (win rate exactly 1/2, KL 0).
 """
