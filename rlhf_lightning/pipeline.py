@@ -320,17 +320,22 @@ class RLHFPipeline:
             self._write_json(self.root / stage / "done.json", result)
             self._write_json(self.root / "summary.json", summary)
         if "ppo" in self.stages and self.config.eval_prompts:
-            summary["evaluation"] = self._evaluate(inputs)
+            summary["evaluation"] = self._evaluate(inputs, summary.get("evaluation"))
         self._write_json(self.root / "summary.json", summary)
         print(format_summary(summary))
         return summary
 
-    def _evaluate(self, inputs: dict[str, str]) -> dict[str, Any]:
+    def _evaluate(self, inputs: dict[str, str], previous: dict[str, Any] | None = None) -> dict[str, Any]:
         """The SFT policy (baseline) against the final PPO policy on at most ``eval_prompts`` held-out prompts,
         judged by the reward model (``rlhf_lightning.evaluation``): writes ``evaluation/`` and returns the summary's
-        ``evaluation`` entry (the table and per-policy results). A failure is reported, as ``{"error": ...}`` and on
-        stdout, and never touches the trained checkpoints."""
-        out = self.root / "evaluation"
+        ``evaluation`` entry (the table and per-policy results). ``previous`` (the summary's entry) is kept when
+        ``evaluation.json`` is newer than the PPO stage's ``done.json``. A failure is reported, as
+        ``{"error": ...}`` and on stdout, and never touches the trained checkpoints."""
+        out, done = self.root / "evaluation", self.root / "ppo" / "done.json"
+        report = out / "evaluation.json"
+        fresh = report.is_file() and done.is_file() and report.stat().st_mtime >= done.stat().st_mtime
+        if previous and "error" not in previous and fresh:  # a rerun that skipped PPO: nothing new to compare
+            return previous
         try:
             import torch
 
@@ -345,9 +350,8 @@ class RLHFPipeline:
             from rlhf_lightning.models.generation import GenerationArgs
 
             n, c = self.config.eval_prompts, self.config
-            cli = self._cli(
-                self.stage_config("ppo", inputs)
-            )  # the PPO stage's own data and sampling settings
+            # the PPO stage's own data and sampling settings
+            cli = self._cli(self.stage_config("ppo", inputs))
             if c.ppo_val_path is not None:
                 prompts = read_prompts(c.ppo_val_path, n)
             else:
@@ -370,6 +374,7 @@ class RLHFPipeline:
                 reward_model=inputs["reward"],
                 args=args,
                 names=["ppo"],
+                prompts_source=c.ppo_val_path or "the PPO stage's validation prompts",
             )
             write_evaluation(evaluation, out, args.sample_rows)
         except Exception as err:  # the checkpoints are safe; say what failed and carry on
