@@ -8,7 +8,8 @@ are small programs of their own:
 - ``generate``  sample replies from a stage checkpoint;
 - ``tokenizer`` train a byte-level BPE tokenizer on JSONL data;
 - ``score``     score a JSONL of conversations with a reward-model checkpoint;
-- ``export``    write a stage checkpoint as a Hugging Face model folder (``rlhf_lightning.export``).
+- ``export``    write a stage checkpoint as a Hugging Face model folder (``rlhf_lightning.export``);
+- ``evaluate``  compare policies with a baseline: win rate, judge scores, KL, length (``rlhf_lightning.evaluation``).
 
 Nothing imports this module; it is the outermost layer.
 """
@@ -37,6 +38,8 @@ Other commands (`rlhf-lightning <command> --help`):
               rlhf-lightning score --ckpt runs/reward --input convs.jsonl --output scored.jsonl
   export      write a Hugging Face model folder (safetensors + tokenizer):
               rlhf-lightning export --ckpt runs/ppo --output hf_model [--merge_lora true]
+  evaluate    compare policies with a baseline (win rate with a bootstrap CI, scores, KL, length):
+              rlhf-lightning evaluate --policies runs/ppo --baseline runs/sft --prompts p.jsonl --reward_model runs/reward
 """
 
 
@@ -151,6 +154,13 @@ def export_command(args: Sequence[str]) -> None:
     export_main(list(args))
 
 
+def evaluate_command(args: Sequence[str]) -> None:
+    """``rlhf-lightning evaluate``: policies against a baseline on prompts (see rlhf_lightning.evaluation)."""
+    from rlhf_lightning.evaluation import main as evaluate_main
+
+    evaluate_main(list(args))
+
+
 def pipeline_command(args: Sequence[str]) -> None:
     """``rlhf-lightning pipeline``: SFT, reward model and PPO in sequence (see rlhf_lightning.pipeline)."""
     from rlhf_lightning.pipeline import main as pipeline_main
@@ -164,6 +174,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
     "tokenizer": tokenizer_command,
     "score": score_command,
     "export": export_command,
+    "evaluate": evaluate_command,
 }
 
 

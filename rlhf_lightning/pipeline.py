@@ -12,6 +12,7 @@ Run folder (``save_dir``)::
     reward/   ...
     ppo/      ...
     plots/    sft.png  reward.png  ppo.png
+    evaluation/  evaluation.json  evaluation.md  evaluation.png  samples.csv  samples.md
     summary.json
 
 Watching a run: every stage logs to a CSV record (``<stage>/logs/metrics.csv``, read by the plots written to
@@ -79,6 +80,9 @@ class RLHFConfig:
         model_preset: size preset of the built-in model (tiny, small, medium, large); None keeps the stage configs'.
         logger: where stages log besides their CSV record: ``wandb`` (offline without a key or network),
             ``tensorboard`` or ``csv`` (the CSV record only).
+        eval_prompts: after PPO, the SFT policy (baseline) and the final policy answer this many held-out prompts
+            (``ppo_val_path``, else the PPO DataModule's validation prompts), judged by the reward model
+            (``rlhf_lightning.evaluation``); 0 = no evaluation.
         stage_configs: YAML file (or inline dict) per stage: ``sft``, ``reward``, ``ppo``, ``dpo``.
         algorithm: ``ppo`` (SFT -> reward model -> PPO) or ``dpo`` (SFT -> DPO on ``reward_data_path`` /
             ``reward_val_path``, no reward model).
@@ -102,6 +106,7 @@ class RLHFConfig:
     save_interval: int | None = None
     model_preset: str | None = None
     logger: str = "wandb"
+    eval_prompts: int = 64
     stage_configs: dict[str, Any] = field(
         default_factory=lambda: {
             "sft": "configs/sft.yaml",
@@ -117,6 +122,8 @@ class RLHFConfig:
             raise ValueError(f"device={self.device!r}; expected 'auto', 'cpu', 'cuda', 'gpu' or 'mps'")
         if self.logger not in LOGGER_CHOICES:
             raise ValueError(f"logger={self.logger!r}; expected one of {LOGGER_CHOICES}")
+        if self.eval_prompts < 0:
+            raise ValueError(f"eval_prompts={self.eval_prompts}; expected 0 (off) or a positive count")
         for name in ("sft_epochs", "reward_epochs", "ppo_iterations", "ppo_batch_size", "save_interval"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -328,9 +335,70 @@ class RLHFPipeline:
             summary["stages"][stage] = result["results"]
             self._write_json(self.root / stage / "done.json", result)
             self._write_json(self.root / "summary.json", summary)
+        if "ppo" in self.stages and self.config.eval_prompts:
+            summary["evaluation"] = self._evaluate(inputs, summary.get("evaluation"))
         self._write_json(self.root / "summary.json", summary)
         print(format_summary(summary))
         return summary
+
+    def _evaluate(self, inputs: dict[str, str], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The SFT policy (baseline) against the final PPO policy on at most ``eval_prompts`` held-out prompts,
+        judged by the reward model (``rlhf_lightning.evaluation``): writes ``evaluation/`` and returns the summary's
+        ``evaluation`` entry (the table and per-policy results). ``previous`` (the summary's entry) is kept when
+        ``evaluation.json`` is newer than the PPO stage's ``done.json``. A failure is reported, as
+        ``{"error": ...}`` and on stdout, and never touches the trained checkpoints."""
+        out, done = self.root / "evaluation", self.root / "ppo" / "done.json"
+        report = out / "evaluation.json"
+        fresh = report.is_file() and done.is_file() and report.stat().st_mtime >= done.stat().st_mtime
+        if previous and "error" not in previous and fresh:  # a rerun that skipped PPO: nothing new to compare
+            return previous
+        try:
+            import torch
+
+            from rlhf_lightning.data.formats import PromptRow
+            from rlhf_lightning.evaluation import (
+                EvalArgs,
+                evaluate,
+                format_table,
+                read_prompts,
+                write_evaluation,
+            )
+            from rlhf_lightning.models.generation import GenerationArgs
+
+            n, c = self.config.eval_prompts, self.config
+            # the PPO stage's own data and sampling settings
+            cli = self._cli(self.stage_config("ppo", inputs))
+            if c.ppo_val_path is not None:
+                prompts = read_prompts(c.ppo_val_path, n)
+            else:
+                cli.datamodule.setup("validate")
+                rows = cli.datamodule.val_dataset.rows[:n]
+                prompts = [
+                    PromptRow(r["prompt"], {k: v for k, v in r.items() if k != "prompt"}) for r in rows
+                ]
+            sampling = cli.model.generation
+            cuda = c.device in ("cuda", "gpu") or (c.device == "auto" and torch.cuda.is_available())
+            args = EvalArgs(
+                generation=GenerationArgs(sampling.max_new_tokens, temperature=sampling.temperature),
+                max_prompt_length=getattr(cli.datamodule, "max_prompt_length", 256),
+                device="cuda" if cuda else "cpu" if c.device in ("auto", "gpu") else c.device,
+            )
+            evaluation = evaluate(
+                [inputs["ppo"]],
+                inputs["sft"],
+                prompts,
+                reward_model=inputs["reward"],
+                args=args,
+                names=["ppo"],
+                prompts_source=c.ppo_val_path or "the PPO stage's validation prompts",
+            )
+            write_evaluation(evaluation, out, args.sample_rows)
+        except Exception as err:  # the checkpoints are safe; say what failed and carry on
+            print(f"[pipeline] warning: evaluation failed ({err!r}); the trained checkpoints are kept")
+            return {"error": repr(err)}
+        table = format_table(evaluation.report)
+        print(f"[pipeline] evaluation ({out}):\n{table}")
+        return {"folder": str(out), "table": table, "policies": evaluation.report["policies"]}
 
     def _archive(self, stage: str) -> Path:
         """Move a finished stage's folder aside (``<stage>.previous-<n>``) so that it can run again."""

@@ -4,6 +4,9 @@
 - ``reward``: train and validation loss, training (``reward/accuracy``) and validation accuracy;
 - ``ppo``: reward-model score, KL to the reference and response length per iteration (held-out ``val/*`` as dots).
 
+``save_evaluation_plot`` draws an ``rlhf-lightning evaluate`` report (win rate with its interval, judge scores, KL,
+reply length per policy) into ``evaluation.png``.
+
 The pipeline calls :func:`save_run_plots` after every stage, giving ``<save_dir>/plots/<stage>.png``. Figures are
 built with ``matplotlib.figure.Figure`` (no pyplot), so plotting never changes a notebook's or GUI's backend.
 Missing metrics are skipped; a stage without any of its metrics gets no plot.
@@ -82,7 +85,11 @@ def save_stage_plot(
     stage: str, metrics_csv: str | Path, out: str | Path, title: str | None = None
 ) -> Path | None:
     """Plot ``stage``'s curves from ``metrics_csv`` into the PNG ``out``; None when there was nothing to plot."""
-    fig = plot_stage(stage, read_metrics(metrics_csv), title)
+    return _save(plot_stage(stage, read_metrics(metrics_csv), title), out)
+
+
+def _save(fig: Any, out: str | Path) -> Path | None:
+    """Write ``fig`` as the PNG ``out`` (folders created); None when there is no figure."""
     if fig is None:
         return None
     out = Path(out)
@@ -109,3 +116,61 @@ def save_run_plots(run_dir: str | Path) -> list[Path]:
             if out is not None:
                 written.append(out)
     return written
+
+
+def plot_evaluation(report: dict[str, Any]) -> Any:
+    """A ``matplotlib.figure.Figure`` of an ``rlhf-lightning evaluate`` report (``evaluation.evaluate``): win rate
+    against the baseline per judge with its confidence interval (0.5 = no better), each judge's mean score ± std, KL
+    to the reference (k1) and reply length, one bar per policy. None when the report holds no policy."""
+    from matplotlib.figure import Figure
+
+    entries = report.get("policies", [])
+    if not entries:
+        return None
+    names = [e["name"] for e in entries]
+    judges = report.get("judges", [])
+    fig = Figure(figsize=(4.2 * 4 + 0.6, 3.6), layout="constrained")
+    win_ax, score_ax, kl_ax, len_ax = fig.subplots(1, 4)
+    width = 0.8 / max(1, len(judges))
+    challengers = [e for e in entries if not e.get("is_baseline")]
+    for j, judge in enumerate(judges):
+        wins = [e["win_rate"][judge] for e in challengers]
+        xs = [i + j * width for i in range(len(challengers))]
+        rates = [w["win_rate"] for w in wins]
+        errors = [
+            [r - w["ci_low"] for r, w in zip(rates, wins)],
+            [w["ci_high"] - r for r, w in zip(rates, wins)],
+        ]
+        win_ax.bar(xs, rates, width, yerr=errors, capsize=3, label=judge)
+        scores = [e["scores"][judge] for e in entries]
+        xs = [i + j * width for i in range(len(entries))]
+        score_ax.bar(
+            xs, [s["mean"] for s in scores], width, yerr=[s["std"] for s in scores], capsize=3, label=judge
+        )
+    win_ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    win_ax.set_ylim(0, 1)
+    level = report.get("bootstrap", {}).get("confidence", 0.95)
+    panels = [
+        (win_ax, f"win rate vs baseline ({level:.0%} CI)", [e["name"] for e in challengers], len(judges)),
+        (score_ax, "judge score (mean ± std)", names, len(judges)),
+        (kl_ax, "KL to reference (k1, nats/reply)", names, 1),
+        (len_ax, "reply length (tokens)", names, 1),
+    ]
+    kl_ax.bar(range(len(entries)), [(e["kl"] or {}).get("k1", float("nan")) for e in entries], 0.6)
+    len_ax.bar(range(len(entries)), [e["response_tokens"] for e in entries], 0.6)
+    for ax, title, labels, groups in panels:
+        offset = width * (groups - 1) / 2 if groups > 1 else 0.0
+        ax.set_xticks([i + offset for i in range(len(labels))], labels, rotation=20, fontsize="small")
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+        if groups > 1:
+            ax.legend(fontsize="small")
+    fig.suptitle(
+        f"evaluation on {report.get('n_prompts', '?')} prompts (baseline {report.get('baseline', '?')})"
+    )
+    return fig
+
+
+def save_evaluation_plot(report: dict[str, Any], out: str | Path) -> Path | None:
+    """Plot an evaluation report (:func:`plot_evaluation`) into the PNG ``out``; None when there was nothing to plot."""
+    return _save(plot_evaluation(report), out)

@@ -126,9 +126,15 @@ def test_pipeline_end_to_end_then_rerun_skips(tmp_path):
     assert "val/loss" in summary["stages"]["sft"] and "val/accuracy" in summary["stages"]["reward"]
     assert {"before/val/score", "after/val/score", "after/val/kl"} <= summary["stages"]["ppo"].keys()
     assert "after/val/score" in format_summary(summary)
+    assert [p["name"] for p in on_disk["evaluation"]["policies"]] == [
+        "baseline",
+        "ppo",
+    ]  # SFT vs PPO, held out
     stamp = (run / "ppo" / "done.json").stat().st_mtime
+    evaluated = (run / "evaluation" / "evaluation.json").stat().st_mtime
     RLHFPipeline(_tiny_config(run)).run()  # a finished run is skipped, not retrained or overwritten
     assert (run / "ppo" / "done.json").stat().st_mtime == stamp
+    assert (run / "evaluation" / "evaluation.json").stat().st_mtime == evaluated  # nor evaluated again
 
 
 @pytest.mark.slow  # kills a subprocess at a moment that depends on the machine's speed: run it by hand
