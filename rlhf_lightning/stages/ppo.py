@@ -84,7 +84,12 @@ from rlhf_lightning.stages.ppo_models import load_networks
 from rlhf_lightning.stages.rewards import RewardArgs, SequenceScorer, load_reward_function
 from rlhf_lightning.stages.rollout import make_rollout, policy_logits, response_values
 from rlhf_lightning.stages.sample_tables import log_table
-from rlhf_lightning.stages.score_calibration import ScoreStats, fold_normalization, measure_score_stats
+from rlhf_lightning.stages.score_calibration import (
+    CalibrationChunk,
+    ScoreStats,
+    fit_value_head,
+    measure_score_stats,
+)
 from rlhf_lightning.stages.tokenizer_link import resolve_tokenizer, tokenizer_payload
 from rlhf_lightning.types import PromptBatch, Rollout, SFTBatch
 
@@ -326,6 +331,7 @@ class PPOModule(LightningModule):
         share of the replies (its own seed and prompts) and all get the statistics of every rank's replies."""
         rank, ranks = global_rank(), world_size()
         share = -(-self.rewards.calibration_samples // ranks)
+        chunks: list[CalibrationChunk] = []
         generator = torch.Generator(device=self.device).manual_seed(rank_seed(self.seed + 2**31, rank))
         stats = measure_score_stats(
             self.reference,
@@ -337,16 +343,23 @@ class PPOModule(LightningModule):
             generator=generator,
             forward_batch_size=self.ppo.forward_batch_size or 32,
             start=rank * share,
+            keep=chunks,
         )
         self.reward_model.set_score_stats(stats.mean, stats.std)
-        if self._critic_from_reward_head:
-            r = self.rewards
-            fold_normalization(self.value_model.head.linear, stats, r.model_weight, r.missing_eos_score)
         self.score_stats = stats
         rank_zero_info(
             f"[ppo] reward normalisation from {stats.samples} reference-policy replies: "
             f"mean {stats.mean:+.4g}, std {stats.std:.4g}"
         )
+        if self.value_model is not None:  # any critic head: a reward-head copy, or a fresh one
+            before, after = fit_value_head(
+                self.value_model.head.linear, self.value_model, self.scorer, chunks
+            )
+            self.critic_fit = (before, after)
+            rank_zero_info(
+                f"[ppo] critic head refit to the shaped scores of those replies: explained variance "
+                f"{before:+.3f} -> {after:+.3f}"
+            )
         return stats
 
     # -- one iteration -----------------------------------------------------------------------------------------------

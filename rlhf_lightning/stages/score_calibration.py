@@ -14,10 +14,11 @@ Several data-parallel ranks: each samples its share of the replies (its own seed
 and EOS share are reduced over all ranks (``rlhf_lightning.distributed``), so every rank normalises alike.
 
 The critic starts from the reward model (same trunk, head copied) but must predict PPO's returns, made of shaped
-scores, so :func:`fold_normalization` rewrites its copied head to output the expected shaped score of a reference
-reply: the normalised score (times the reward model's weight) for the share ``p`` of replies that end with EOS, the
-fixed missing-EOS score for the others. Its first values are on the returns' scale, not the raw score's, so value
-clipping does not hold the critic back for the first iterations.
+scores (normalised, clipped, the fixed missing-EOS score for replies without EOS). :func:`fit_value_head` refits its
+head affinely, by least squares on the same reference replies, to the shaped score each got: its first values are
+on the returns' scale, not the raw score's (a raw copy starts off by about mean / std, and value clipping then slows
+the fix), and its first explained variance is not negative. A linear map of the head is exactly a linear map of the
+values, so nothing else of the critic changes.
 """
 
 from __future__ import annotations
@@ -52,6 +53,20 @@ class ScoreStats:
         }
 
 
+@dataclass(frozen=True)
+class CalibrationChunk:
+    """Reference-policy replies sampled for the calibration: sequences / sequence_mask (B, P + R), the prompt
+    length P, the prompt messages, decoded texts and rows (what reward functions read), ended_with_eos (B,)."""
+
+    sequences: torch.Tensor
+    sequence_mask: torch.Tensor
+    prompt_len: int
+    messages: list
+    texts: tuple[str, ...]
+    rows: list[dict]
+    ended_with_eos: torch.Tensor
+
+
 def response_texts(tokenizer, response: torch.Tensor, response_mask: torch.Tensor) -> tuple[str, ...]:
     """Decoded responses (B,) without padding and EOS: the text a user sees."""
     return tuple(
@@ -71,12 +86,14 @@ def measure_score_stats(
     generator: torch.Generator | None = None,
     forward_batch_size: int | None = None,
     start: int = 0,
+    keep: list[CalibrationChunk] | None = None,
 ) -> ScoreStats:
     """Sample ``samples`` replies from ``reference`` (cycling over the rows of ``prompts``, left-padded, from row
     ``start``) and return the mean and std of the reward model's raw scores on those that ended with EOS.
 
     A collective under several data-parallel ranks: each rank passes its own share of ``samples`` (and its own
-    ``generator`` and ``start``), and the statistics returned are those of the replies of every rank."""
+    ``generator`` and ``start``), and the statistics returned are those of the replies of every rank. ``keep``
+    collects the sampled replies (:class:`CalibrationChunk`) for :func:`fit_value_head`."""
     if samples < 1:
         raise ValueError(f"calibration needs at least 1 sample per rank, got {samples}")
     chunk = forward_batch_size or len(prompts)
@@ -101,6 +118,11 @@ def measure_score_stats(
         messages = [prompts.rows[r].get("prompt", []) if prompts.rows else [] for r in rows]
         all_scores.append(scorer.model_scores(sequences, sequence_mask, messages, texts))
         all_eos.append((out.response_ids == tokenizer.eos_id).logical_and(out.response_mask).any(dim=1))
+        if keep is not None:
+            extra = [dict(prompts.rows[r]) if prompts.rows else {} for r in rows]
+            keep.append(
+                CalibrationChunk(sequences, sequence_mask, ids.shape[1], messages, texts, extra, all_eos[-1])
+            )
         done += len(rows)
     scores, ended = torch.cat(all_scores), torch.cat(all_eos)
     total, ended_total = all_reduce_sum(torch.tensor([float(len(scores)), float(ended.sum())])).tolist()
@@ -115,16 +137,44 @@ def measure_score_stats(
 
 
 @torch.no_grad()
-def fold_normalization(
-    head: nn.Linear, stats: ScoreStats, weight: float = 1.0, missing_eos_score: float | None = None
-) -> None:
-    """Make ``head`` (a copy of the reward head, ``score = w.h + b``) predict the expected shaped score of the
-    reference policy's replies instead of the raw score: ``p * weight * (score - mean) / std + (1 - p) * m``, with
-    ``p`` the share of replies that ended with EOS and ``m`` the fixed score of the others (``p = 1`` without one)."""
-    p = 1.0 if missing_eos_score is None else stats.eos_fraction
-    scale = p * weight / stats.std
-    head.weight.mul_(scale)
-    head.bias.sub_(stats.mean).mul_(scale).add_((1 - p) * (missing_eos_score or 0.0))
+def fit_value_head(
+    head: nn.Linear, value_model: nn.Module, scorer: SequenceScorer, chunks: list[CalibrationChunk]
+) -> tuple[float, float]:
+    """Refit the critic's head ``w.h + b`` as ``a * (w.h + b) + c`` so that its values at every response position of
+    the calibration replies best predict (least squares) the shaped score each reply received: the normalised,
+    clipped score, or the missing-EOS score (the returns PPO's critic regresses on at its first iteration, where the
+    KL to the reference is 0). The affine fit with an intercept never does worse than a constant on that data, so the
+    first explained variance is not negative by construction, and the values start on the returns' scale (a copied
+    reward head starts on the raw score's: off by about mean / std, which value clipping then slows to fix).
+    Sums are reduced over data-parallel ranks, so every rank fits the same head. Returns the explained variance of
+    the critic's values on the calibration replies before and after the fit."""
+    from rlhf_lightning.stages.rollout import response_values
+
+    sums = torch.zeros(6, dtype=torch.float64)  # n, x, y, xx, xy, yy
+    for c in chunks:
+        raw = scorer.raw_scores(c.sequences, c.sequence_mask, c.messages, c.texts, c.rows)
+        target = scorer.shape(raw, c.ended_with_eos, update_running=False)  # (B,)
+        values = response_values(value_model, c.sequences, c.sequence_mask, c.prompt_len)  # (B, R)
+        valid = c.sequence_mask[:, c.prompt_len :]
+        x = values[valid].double().cpu()
+        y = target[:, None].expand_as(values)[valid].double().cpu()
+        sums += torch.stack(
+            [torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), y.sum(), x @ x, x @ y, y @ y]
+        )
+    n, sx, sy, sxx, sxy, syy = all_reduce_sum(sums).tolist()
+    n = max(n, 1.0)
+    var_x, var_y = sxx / n - (sx / n) ** 2, syy / n - (sy / n) ** 2
+    cov = sxy / n - (sx / n) * (sy / n)
+    a = cov / var_x if var_x > 1e-12 else 0.0
+    c0 = sy / n - a * sx / n
+    # explained variance 1 - Var(y - v) / Var(y) before (v = x) and after (v = a x + c0) the fit
+    resid_before = var_y + var_x - 2 * cov
+    resid_after = var_y - a * cov
+    before = 1 - resid_before / var_y if var_y > 1e-12 else 0.0
+    after = 1 - resid_after / var_y if var_y > 1e-12 else 0.0
+    head.weight.mul_(a)
+    head.bias.mul_(a).add_(c0)
+    return before, after
 
 
-__all__ = ["ScoreStats", "fold_normalization", "measure_score_stats", "response_texts"]
+__all__ = ["CalibrationChunk", "ScoreStats", "fit_value_head", "measure_score_stats", "response_texts"]
