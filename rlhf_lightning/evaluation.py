@@ -119,9 +119,14 @@ def _render(tokenizer, prompts: Sequence[PromptRow], max_prompt_length: int) -> 
     rendered = []
     for row in prompts:
         ids = tokenizer.render_prompt(row.messages)
-        if len(ids) > max_prompt_length:  # keep the end, as the PPO DataModule does
-            roles = [m["role"] for m in row.messages]
-            ids, _ = left_truncate(ids, [False] * len(ids), max_prompt_length, roles, tokenizer.eos_id)
+        if len(ids) > max_prompt_length:  # keep the end by whole rendered turns, as the PPO DataModule does
+            kept = left_truncate(tokenizer, row.messages, max_prompt_length, prompt=True)
+            if kept is None:
+                raise SetupError(
+                    f"prompt {len(rendered)}: not even its last message fits "
+                    f"max_prompt_length={max_prompt_length} tokens; expected a larger max_prompt_length"
+                )
+            ids = kept[1]
         rendered.append(ids)
     return rendered
 

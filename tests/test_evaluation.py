@@ -302,3 +302,27 @@ def test_a_failing_evaluation_is_reported_and_keeps_the_checkpoints(
     entry = pipe._evaluate({"sft": sft_checkpoint, "reward": reward_checkpoint, "ppo": sft_checkpoint})
     assert "missing.jsonl" in entry["error"] and Path(sft_checkpoint).is_file()
     assert "evaluation failed" in capsys.readouterr().out
+
+
+def test_long_prompts_keep_their_end_by_whole_rendered_turns(tiny_tokenizer) -> None:
+    """A prompt longer than max_prompt_length is cut like the PPO DataModule cuts it (whole turns from the left)."""
+    from rlhf_lightning.data.formats import PromptRow
+    from rlhf_lightning.evaluation import _render
+
+    turns = []
+    for i in range(6):
+        turns += [
+            {"role": "user", "content": f"question {i} " * 6},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
+    row = PromptRow(messages=[*turns, {"role": "user", "content": "the last question"}])
+    full = tiny_tokenizer.render_prompt(row.messages)
+    limit = len(full) // 2
+    (ids,) = _render(tiny_tokenizer, [row], limit)
+    assert len(ids) <= limit
+    assert (
+        ids[-len(tiny_tokenizer.render_prompt(row.messages[-1:])) + 1 :]
+        == full[-len(ids) + 1 :][-len(tiny_tokenizer.render_prompt(row.messages[-1:])) + 1 :]
+    )
+    kept = [row.messages[i:] for i in range(len(row.messages))]
+    assert any(ids == tiny_tokenizer.render_prompt(m) for m in kept)  # exactly the rendering of kept turns
