@@ -320,9 +320,6 @@ def test_long_prompts_keep_their_end_by_whole_rendered_turns(tiny_tokenizer) -> 
     limit = len(full) // 2
     (ids,) = _render(tiny_tokenizer, [row], limit)
     assert len(ids) <= limit
-    assert (
-        ids[-len(tiny_tokenizer.render_prompt(row.messages[-1:])) + 1 :]
-        == full[-len(ids) + 1 :][-len(tiny_tokenizer.render_prompt(row.messages[-1:])) + 1 :]
-    )
     kept = [row.messages[i:] for i in range(len(row.messages))]
-    assert any(ids == tiny_tokenizer.render_prompt(m) for m in kept)  # exactly the rendering of kept turns
+    # exactly the rendering of the latest turns (which end with the last question), never a cut token sequence
+    assert any(ids == tiny_tokenizer.render_prompt(m) for m in kept[1:])
