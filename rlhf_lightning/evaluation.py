@@ -118,11 +118,10 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptRow]:
 def _render(tokenizer, prompts: Sequence[PromptRow], max_prompt_length: int) -> list[list[int]]:
     rendered = []
     for row in prompts:
-        ids = tokenizer.render_prompt(row.messages)
-        if len(ids) > max_prompt_length:  # keep the end, as the PPO DataModule does
-            roles = [m["role"] for m in row.messages]
-            ids, _ = left_truncate(ids, [False] * len(ids), max_prompt_length, roles, tokenizer.eos_id)
-        rendered.append(ids)
+        kept = left_truncate(tokenizer, row.messages, max_prompt_length, prompt=True)  # as the PPO DataModule
+        if kept is None:  # not even the end of the last message fits: its last tokens, as a last resort
+            kept = (row.messages, tokenizer.render_prompt(row.messages)[-max_prompt_length:], [])
+        rendered.append(kept[1])
     return rendered
 
 
