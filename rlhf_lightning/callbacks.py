@@ -91,7 +91,7 @@ class PPOProgress(Callback):
         return pre_hook
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        ppo = getattr(pl_module, "ppo", None)
+        ppo = getattr(pl_module, "ppo", None) or getattr(pl_module, "grpo", None)  # PPOArgs or GRPOArgs
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         self.total = steps or getattr(ppo, "iterations", None)
         for kind, name in (("policy", "policy"), ("other", "reference"), ("other", "reward_model"),

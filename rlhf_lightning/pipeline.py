@@ -1,5 +1,8 @@
-"""SFT -> reward model -> PPO in sequence, from one config (the project's main job); with ``algorithm: dpo``,
-SFT -> DPO on the preference pairs (no reward model).
+"""SFT -> reward model -> PPO in sequence, from one config (the project's main job). ``RLHFConfig.algorithm`` picks the
+last stage (:data:`ALGORITHM_STAGES`): ``ppo``; ``grpo``, ``dr_grpo`` or ``rloo`` (the critic-free GRPOModule,
+``grpo.baseline`` set from the algorithm; the reward-model stage is left out when the stage config gives the reward
+model no weight, ``rewards.model_weight: 0``, e.g. a verifiable reward); ``dpo``: SFT -> DPO on the preference pairs
+(no reward model).
 
 Each stage is an ordinary stage run: its YAML (``configs/sft.yaml`` ... or inline) is parsed by the same
 LightningCLI as ``rlhf-lightning fit``, the :class:`RLHFConfig` fields are written over it, and the checkpoint its
@@ -10,8 +13,8 @@ Run folder (``save_dir``)::
     tokenizer.json
     sft/      config.yaml  checkpoints/  logs/ (metrics.csv, hparams.yaml, samples_*.csv)  wandb/  done.json
     reward/   ...
-    ppo/      ...
-    plots/    sft.png  reward.png  ppo.png
+    ppo/      ...                      (or grpo/, rloo/, dpo/: the algorithm's stage)
+    plots/    sft.png  reward.png  ppo.png (grpo.png, rloo.png, dpo.png)
     evaluation/  evaluation.json  evaluation.md  evaluation.png  samples.csv  samples.md
     summary.json
 
@@ -44,8 +47,15 @@ import yaml
 STAGES = ("sft", "reward", "ppo")
 ALGORITHM_STAGES = {
     "ppo": STAGES,
+    "grpo": ("sft", "reward", "grpo"),
+    "dr_grpo": ("sft", "reward", "grpo"),  # the grpo stage config with grpo.baseline: dr_grpo
+    "rloo": ("sft", "reward", "rloo"),
     "dpo": ("sft", "dpo"),
-}  # RLHFConfig.algorithm -> the stages it runs, in order
+}  # RLHFConfig.algorithm -> the stages it runs, in order (grpo/rloo drop "reward" when the reward model has no weight)
+# algorithm -> the GRPOModule's grpo.baseline
+GROUP_BASELINES = {"grpo": "grpo", "dr_grpo": "dr_grpo", "rloo": "rloo"}
+# online RL stages: fed by the ppo_* fields, counted in iterations, validated before and after training
+ONLINE_STAGES = ("ppo", "grpo", "rloo")
 LOGGER_CHOICES = (
     "wandb",
     "tensorboard",
@@ -61,7 +71,7 @@ class RLHFConfig:
         tokenizer_path: the tokenizer file; trained on the SFT data when it does not exist (default: in save_dir).
         sft_data_path: conversations for SFT (JSONL).
         reward_data_path: preference pairs for the reward model, or for DPO (JSONL).
-        ppo_data_path: prompts for PPO (JSONL).
+        ppo_data_path: prompts for PPO, GRPO or RLOO (JSONL).
         sft_val_path: held-out conversations to validate SFT on. Unset: the stage YAML's validation file while
             ``sft_data_path`` is the file that YAML trains on, else a held-out fraction of ``sft_data_path``
             (the YAML's ``val_fraction``, 0.1 when it has none), so the stage validates on the user's own data.
@@ -70,21 +80,25 @@ class RLHFConfig:
         ppo_val_path: held-out prompts for PPO's evaluations (same rule).
         sft_epochs: SFT epochs.
         reward_epochs: reward-model epochs (about one; more overfits).
-        ppo_iterations: PPO iterations (one = one batch of prompts and its updates).
-        ppo_lr_policy: policy learning rate in PPO.
-        ppo_lr_value: critic learning rate in PPO.
-        ppo_batch_size: prompts per PPO iteration.
+        ppo_iterations: PPO (GRPO, RLOO) iterations (one = one batch of prompts and its updates).
+        ppo_lr_policy: policy learning rate in PPO (GRPO, RLOO: the ``optimizer``'s).
+        ppo_lr_value: critic learning rate in PPO (GRPO and RLOO have no critic: unused).
+        ppo_batch_size: prompts per PPO (GRPO, RLOO) iteration.
         device: ``auto`` (CUDA, MPS or CPU), ``cpu``, ``cuda``/``gpu`` or ``mps``.
         save_dir: run folder: one sub-folder per stage, the tokenizer and summary.json.
-        save_interval: PPO iterations between checkpoints.
+        save_interval: PPO (GRPO, RLOO) iterations between checkpoints.
         model_preset: size preset of the built-in model (tiny, small, medium, large); None keeps the stage configs'.
         logger: where stages log besides their CSV record: ``wandb`` (offline without a key or network),
             ``tensorboard`` or ``csv`` (the CSV record only).
-        eval_prompts: after PPO, the SFT policy (baseline) and the final policy answer this many held-out prompts
-            (``ppo_val_path``, else the PPO DataModule's validation prompts), judged by the reward model
-            (``rlhf_lightning.evaluation``); 0 = no evaluation.
-        stage_configs: YAML file (or inline dict) per stage: ``sft``, ``reward``, ``ppo``, ``dpo``.
-        algorithm: ``ppo`` (SFT -> reward model -> PPO) or ``dpo`` (SFT -> DPO on ``reward_data_path`` /
+        eval_prompts: after PPO (GRPO, RLOO), the SFT policy (baseline) and the final policy answer this many
+            held-out prompts (``ppo_val_path``, else the stage DataModule's validation prompts), judged by the reward
+            model when the pipeline trained one and the stage's reward functions (``rlhf_lightning.evaluation``); 0 =
+            no evaluation. DPO has no judge: no closing evaluation.
+        stage_configs: YAML file (or inline dict) per stage: ``sft``, ``reward``, ``ppo``, ``grpo`` (also for
+            ``dr_grpo``), ``rloo``, ``dpo``; only the chosen algorithm's are needed.
+        algorithm: ``ppo`` (SFT -> reward model -> PPO); ``grpo``, ``dr_grpo`` or ``rloo`` (SFT -> reward model ->
+            GRPOModule with that baseline, in stage ``grpo`` or ``rloo``; no reward-model stage when the stage
+            config's ``rewards.model_weight`` is 0); ``dpo`` (SFT -> DPO on ``reward_data_path`` /
             ``reward_val_path``, no reward model).
     """
 
@@ -112,6 +126,8 @@ class RLHFConfig:
             "sft": "configs/sft.yaml",
             "reward": "configs/reward.yaml",
             "ppo": "configs/ppo.yaml",
+            "grpo": "configs/grpo.yaml",
+            "rloo": "configs/rloo.yaml",
             "dpo": "configs/dpo.yaml",
         }
     )
@@ -130,8 +146,8 @@ class RLHFConfig:
                 raise ValueError(f"{name}={value}; expected a positive integer")
         if self.algorithm not in ALGORITHM_STAGES:
             raise ValueError(f"algorithm={self.algorithm!r}; expected one of {sorted(ALGORITHM_STAGES)}")
-        stages = ALGORITHM_STAGES[self.algorithm]
-        missing = [s for s in stages if s not in self.stage_configs]
+        stages = [s for s in ALGORITHM_STAGES[self.algorithm] if s != "reward" or self.algorithm == "ppo"]
+        missing = [s for s in stages if s not in self.stage_configs]  # grpo/rloo: "reward" checked once known
         if missing:
             raise ValueError(
                 f"stage_configs lacks {missing}; expected a YAML path or dict for each of {stages}"
@@ -162,12 +178,12 @@ def _callbacks(config: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 
 class RLHFPipeline:
-    """Runs the three stages of ``config`` in sequence (see the module docstring).
+    """Runs the stages of ``config.algorithm`` in sequence (see the module docstring).
 
     Args:
         config: the pipeline config.
         stages: which stages to run (others must be finished in ``save_dir`` when a later stage needs them).
-            ``None`` runs all three and skips the ones finished earlier (a rerun resumes the pipeline); stages named
+            ``None`` runs them all (:attr:`chain`) and skips the ones finished earlier (a rerun resumes the pipeline); stages named
             here are run again even when finished: their previous folder is kept as ``<stage>.previous-<n>``.
         overwrite: delete an existing ``save_dir`` and start over (a finished run is never overwritten without it).
         model: a ``ModelArgs``-style dict for the built-in model (overrides the stage configs' ``model``).
@@ -182,13 +198,13 @@ class RLHFPipeline:
         model: dict[str, Any] | None = None,
         datamodules: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        self.chain = ALGORITHM_STAGES[config.algorithm]
+        self.config = config
+        self.chain = self._chain()
         bad = [s for s in stages or () if s not in self.chain]
         if bad:
             raise ValueError(f"unknown stage(s) {bad}; expected some of {self.chain}")
         if stages is not None and not stages:
             raise ValueError(f"no stage to run; expected some of {self.chain}")
-        self.config = config
         self.rerun = stages is not None  # named stages run again even when finished
         self.stages = [s for s in self.chain if stages is None or s in stages]
         self.overwrite = overwrite
@@ -198,18 +214,37 @@ class RLHFPipeline:
         self.tokenizer_path = config.tokenizer_path or str(self.root / "tokenizer.json")
 
     # -- configs ----------------------------------------------------------------------------------------------------
-    def stage_config(self, stage: str, inputs: dict[str, str]) -> dict[str, Any]:
-        """The stage's YAML with the pipeline's settings and the previous stages' checkpoints written in."""
+    def _chain(self) -> tuple[str, ...]:
+        """The algorithm's stages (:data:`ALGORITHM_STAGES`); GRPO/RLOO without ``reward`` when their stage config
+        gives the reward model no weight (``model.init_args.rewards.model_weight: 0``: reward functions only)."""
+        chain = ALGORITHM_STAGES[self.config.algorithm]
+        final = chain[-1]
+        if final in ("grpo", "rloo"):
+            from rlhf_lightning.stages.rewards import RewardArgs
+
+            rewards = self._source(final).get("model", {}).get("init_args", {}).get("rewards") or {}
+            if rewards.get("model_weight", RewardArgs.model_weight) == 0:
+                chain = tuple(s for s in chain if s != "reward")
+        if "reward" in chain and "reward" not in self.config.stage_configs:
+            raise ValueError(
+                f"stage_configs lacks ['reward']; algorithm {self.config.algorithm!r} trains a reward model "
+                f"(stage_configs.{final} gives it a weight): add a reward stage YAML or set its rewards.model_weight: 0"
+            )
+        return chain
+
+    def _source(self, stage: str) -> dict[str, Any]:
+        """A copy of ``stage_configs[stage]``: the inline dict or the parsed YAML file."""
         source = self.config.stage_configs[stage]
         if isinstance(source, dict):
-            config = copy.deepcopy(source)
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"stage_configs.{stage}: {path} not found; expected a stage YAML file"
-                )
-            config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            return copy.deepcopy(source)
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"stage_configs.{stage}: {path} not found; expected a stage YAML file")
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+    def stage_config(self, stage: str, inputs: dict[str, str]) -> dict[str, Any]:
+        """The stage's YAML with the pipeline's settings and the previous stages' checkpoints written in."""
+        config = self._source(stage)
         c, folder = self.config, self.root / stage
         if stage in self.datamodules:
             config["data"] = copy.deepcopy(self.datamodules[stage])
@@ -239,15 +274,26 @@ class RLHFPipeline:
                 _set(config, "trainer.max_epochs", c.reward_epochs)
         elif stage == "dpo":  # no reward model: the SFT policy is the start and the reference
             model_args["policy_from"] = inputs.get("sft", model_args.get("policy_from"))
-        else:
+        else:  # ppo, grpo, rloo: online RL from prompts
             model_args["policy_from"] = inputs.get("sft", model_args.get("policy_from"))
-            model_args["reward_from"] = inputs.get("reward", model_args.get("reward_from"))
+            if "reward" in self.chain:
+                model_args["reward_from"] = inputs.get("reward", model_args.get("reward_from"))
+            else:  # the reward model has no weight: none is trained, none is loaded
+                model_args["reward_from"] = None
+            args_key = "ppo" if stage == "ppo" else "grpo"  # PPOArgs / GRPOArgs
+            if stage != "ppo":
+                model_args.setdefault(args_key, {})["baseline"] = GROUP_BASELINES[c.algorithm]
             if c.ppo_iterations is not None:
                 _set(config, "trainer.max_steps", c.ppo_iterations)
-                model_args.setdefault("ppo", {})["iterations"] = c.ppo_iterations
+                model_args.setdefault(args_key, {})["iterations"] = c.ppo_iterations
             if c.ppo_batch_size is not None:
                 data_args["batch_size"] = c.ppo_batch_size
-            for key, lr in (("policy_optimizer", c.ppo_lr_policy), ("value_optimizer", c.ppo_lr_value)):
+            optimizers = (
+                (("policy_optimizer", c.ppo_lr_policy), ("value_optimizer", c.ppo_lr_value))
+                if stage == "ppo"
+                else (("optimizer", c.ppo_lr_policy),)  # no critic
+            )
+            for key, lr in optimizers:
                 if lr is not None:
                     optimizer = model_args.setdefault(key, {"class_path": "torch.optim.AdamW"})
                     optimizer.setdefault("init_args", {})["lr"] = lr
@@ -263,6 +309,8 @@ class RLHFPipeline:
             "reward": (c.reward_data_path, c.reward_val_path),
             "dpo": (c.reward_data_path, c.reward_val_path),  # the same preference pairs
             "ppo": (c.ppo_data_path, c.ppo_val_path),
+            "grpo": (c.ppo_data_path, c.ppo_val_path),
+            "rloo": (c.ppo_data_path, c.ppo_val_path),
         }[stage]
 
     def _cli(self, config: dict[str, Any]):
@@ -335,22 +383,25 @@ class RLHFPipeline:
             summary["stages"][stage] = result["results"]
             self._write_json(self.root / stage / "done.json", result)
             self._write_json(self.root / "summary.json", summary)
-        if "ppo" in self.stages and self.config.eval_prompts:
+        final = self.chain[-1]
+        if final in self.stages and final in ONLINE_STAGES and self.config.eval_prompts:
             summary["evaluation"] = self._evaluate(inputs, summary.get("evaluation"))
         self._write_json(self.root / "summary.json", summary)
         print(format_summary(summary))
         return summary
 
     def _evaluate(self, inputs: dict[str, str], previous: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The SFT policy (baseline) against the final PPO policy on at most ``eval_prompts`` held-out prompts,
-        judged by the reward model (``rlhf_lightning.evaluation``): writes ``evaluation/`` and returns the summary's
+        """The SFT policy (baseline) against the final policy (PPO, GRPO or RLOO stage) on at most
+        ``eval_prompts`` held-out prompts, judged by the reward model when the chain trained one and by the stage's
+        reward functions (``rlhf_lightning.evaluation``): writes ``evaluation/`` and returns the summary's
         ``evaluation`` entry (the table and per-policy results). ``previous`` (the summary's entry) is kept when
-        ``evaluation.json`` is newer than the PPO stage's ``done.json``. A failure is reported, as
+        ``evaluation.json`` is newer than the final stage's ``done.json``. A failure is reported, as
         ``{"error": ...}`` and on stdout, and never touches the trained checkpoints."""
-        out, done = self.root / "evaluation", self.root / "ppo" / "done.json"
+        final = self.chain[-1]
+        out, done = self.root / "evaluation", self.root / final / "done.json"
         report = out / "evaluation.json"
         fresh = report.is_file() and done.is_file() and report.stat().st_mtime >= done.stat().st_mtime
-        if previous and "error" not in previous and fresh:  # a rerun that skipped PPO: nothing new to compare
+        if previous and "error" not in previous and fresh:  # a rerun that skipped the stage: nothing new
             return previous
         try:
             import torch
@@ -366,8 +417,8 @@ class RLHFPipeline:
             from rlhf_lightning.models.generation import GenerationArgs
 
             n, c = self.config.eval_prompts, self.config
-            # the PPO stage's own data and sampling settings
-            cli = self._cli(self.stage_config("ppo", inputs))
+            # the final stage's own data, sampling settings and reward functions
+            cli = self._cli(self.stage_config(final, inputs))
             if c.ppo_val_path is not None:
                 prompts = read_prompts(c.ppo_val_path, n)
             else:
@@ -384,13 +435,14 @@ class RLHFPipeline:
                 device="cuda" if cuda else "cpu" if c.device in ("auto", "gpu") else c.device,
             )
             evaluation = evaluate(
-                [inputs["ppo"]],
+                [inputs[final]],
                 inputs["sft"],
                 prompts,
-                reward_model=inputs["reward"],
+                reward_model=inputs.get("reward"),
+                functions=cli.model.rewards.functions,
                 args=args,
-                names=["ppo"],
-                prompts_source=c.ppo_val_path or "the PPO stage's validation prompts",
+                names=[final],
+                prompts_source=c.ppo_val_path or f"the {final.upper()} stage's validation prompts",
             )
             write_evaluation(evaluation, out, args.sample_rows)
         except Exception as err:  # the checkpoints are safe; say what failed and carry on
@@ -449,7 +501,7 @@ class RLHFPipeline:
     def _train(self, stage: str, folder: Path, trainer, model, data, resume: str | None) -> dict[str, Any]:
         started = time.perf_counter()
         results: dict[str, Any] = {}
-        if stage == "ppo":
+        if stage in ONLINE_STAGES:
             results.update(self._before_ppo(folder, trainer, model, data))
         trainer.fit(model, datamodule=data, ckpt_path=resume)
         callback = trainer.checkpoint_callback
@@ -457,7 +509,7 @@ class RLHFPipeline:
         if not checkpoint:
             checkpoint = str(folder / "checkpoints" / "final.ckpt")
             trainer.save_checkpoint(checkpoint)
-        if stage == "ppo":
+        if stage in ONLINE_STAGES:
             after = trainer.validate(model, datamodule=data, verbose=False)
             results.update({f"after/{k}": v for k, v in after[0].items()} if after else {})
         else:
@@ -468,8 +520,9 @@ class RLHFPipeline:
         return {"checkpoint": checkpoint, "results": results}
 
     def _before_ppo(self, folder: Path, trainer, model, data) -> dict[str, Any]:
-        """Held-out metrics of the SFT policy PPO starts from (``before/...``), measured once and kept in
-        ``ppo/before.json``: a resumed run reuses them instead of evaluating its partly trained policy."""
+        """Held-out metrics of the SFT policy an online stage (PPO, GRPO, RLOO) starts from (``before/...``), measured
+        once and kept in ``<stage>/before.json``: a resumed run reuses them instead of evaluating its partly trained
+        policy."""
         stored = self._read_json(folder / "before.json")
         if stored is not None:
             return stored
@@ -537,7 +590,8 @@ def main(args: Sequence[str]) -> dict[str, Any]:
     from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
     parser = ArgumentParser(
-        prog="rlhf-lightning pipeline", description="Run SFT, reward model and PPO in sequence."
+        prog="rlhf-lightning pipeline",
+        description="Run SFT, reward model and PPO (or GRPO, RLOO; or SFT and DPO: --algorithm) in sequence.",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML (RLHFConfig fields)")
     parser.add_class_arguments(RLHFConfig, nested_key=None, fail_untyped=False)

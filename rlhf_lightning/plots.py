@@ -2,7 +2,9 @@
 
 - ``sft``: train and validation loss;
 - ``reward``: train and validation loss, training (``reward/accuracy``) and validation accuracy;
-- ``ppo``: reward-model score, KL to the reference and response length per iteration (held-out ``val/*`` as dots).
+- ``ppo``: reward-model score, KL to the reference and response length per iteration (held-out ``val/*`` as dots);
+- ``grpo`` and ``rloo``: score, KL to the reference, response length and clip fraction per iteration;
+- ``dpo``: train and validation loss, pair accuracy, margin and the implicit rewards of chosen and rejected replies.
 
 ``save_evaluation_plot`` draws an ``rlhf-lightning evaluate`` report (win rate with its interval, judge scores, KL,
 reply length per policy) into ``evaluation.png``.
@@ -33,8 +35,35 @@ PANELS: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {
         ("KL to reference", [("rollout/kl", "rollout (k1)"), ("val/kl", "held-out")]),
         ("response length (tokens)", [("rollout/response_len", "rollout"), ("val/response_len", "held-out")]),
     ],
+    "dpo": [
+        ("loss", [("train/loss", "train"), ("val/loss", "val")]),
+        ("pair accuracy", [("train/accuracy", "train"), ("val/accuracy", "val")]),
+        ("margin (chosen - rejected)", [("train/margin", "train"), ("val/margin", "val")]),
+        (
+            "implicit rewards",
+            [
+                ("train/reward_chosen", "chosen"),
+                ("train/reward_rejected", "rejected"),
+                ("val/reward_chosen", "chosen, val"),
+                ("val/reward_rejected", "rejected, val"),
+            ],
+        ),
+    ],
 }
-X_LABEL = {"sft": "step", "reward": "step", "ppo": "iteration"}
+# GRPO and RLOO (stages/grpo.py): the same rollout curves as PPO, the score being any mix of reward model and rules
+PANELS["grpo"] = PANELS["rloo"] = [
+    ("score", [("rollout/score_mean", "rollout"), ("val/score", "held-out")]),
+    *PANELS["ppo"][1:],
+    ("clip fraction", [("grpo/clipfrac", "update")]),
+]
+X_LABEL = {
+    "sft": "step",
+    "reward": "step",
+    "ppo": "iteration",
+    "dpo": "step",
+    "grpo": "iteration",
+    "rloo": "iteration",
+}
 
 
 def read_metrics(path: str | Path) -> dict[str, Series]:

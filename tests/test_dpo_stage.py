@@ -212,4 +212,4 @@ def test_pipeline_with_algorithm_dpo_runs_sft_then_dpo(tmp_path) -> None:
     done = json.loads((tmp_path / "run" / "dpo" / "done.json").read_text())
     assert load_checkpoint(done["checkpoint"])[PAYLOAD_KEY]["stage"] == "dpo"
     with pytest.raises(ValueError, match="algorithm"):
-        RLHFConfig(algorithm="grpo")
+        RLHFConfig(algorithm="reinforce")

@@ -36,7 +36,14 @@ def test_save_run_plots_writes_readable_pngs(tmp_path: Path) -> None:
         keys = [key for _, curves in panels for key, _ in curves]
         _write_metrics(stage_metrics_csv(tmp_path, stage), keys, 10)
     written = save_run_plots(tmp_path)
-    assert [p.name for p in written] == ["sft.png", "reward.png", "ppo.png"]
+    assert [p.name for p in written] == [
+        "sft.png",
+        "reward.png",
+        "ppo.png",
+        "dpo.png",
+        "grpo.png",
+        "rloo.png",
+    ]
     for png in written:
         assert png.parent == tmp_path / "plots" and png.stat().st_size > 5000
         pixels = image.imread(png)
@@ -47,3 +54,32 @@ def test_save_run_plots_writes_readable_pngs(tmp_path: Path) -> None:
 def test_stage_without_its_metrics_gets_no_plot(tmp_path: Path) -> None:
     _write_metrics(stage_metrics_csv(tmp_path, "ppo"), ["something/else"], 3)
     assert save_run_plots(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "stage, keys, titles, x_label",
+    [
+        (
+            "dpo",
+            ["train/loss", "val/loss", "train/accuracy", "train/margin", "val/reward_chosen"],
+            ["loss", "pair accuracy", "margin (chosen - rejected)", "implicit rewards"],
+            "step",
+        ),
+        (
+            "grpo",
+            ["rollout/score_mean", "val/score", "rollout/kl", "rollout/response_len", "grpo/clipfrac"],
+            ["score", "KL to reference", "response length (tokens)", "clip fraction"],
+            "iteration",
+        ),
+    ],
+)
+def test_dpo_and_grpo_panels(
+    tmp_path: Path, stage: str, keys: list[str], titles: list[str], x_label: str
+) -> None:
+    pytest.importorskip("matplotlib")
+    from rlhf_lightning.plots import plot_stage
+
+    _write_metrics(tmp_path / "metrics.csv", keys, 6)
+    fig = plot_stage(stage, read_metrics(tmp_path / "metrics.csv"))
+    assert [ax.get_title() for ax in fig.axes] == titles
+    assert {ax.get_xlabel() for ax in fig.axes} == {x_label}
