@@ -60,3 +60,18 @@ def test_sft_configs_comment_values_that_differ_from_code_defaults(name: str) ->
     if preset != "small":
         line = next(x for x in lines if x.strip().startswith("preset:"))
         assert "#" in line
+
+
+PIPELINES = sorted((REPO / "configs").glob("pipeline*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=[p.name for p in PIPELINES])
+def test_pipeline_config_loads_and_names_shipped_stage_configs(path: Path) -> None:
+    """Every pipeline YAML is a valid RLHFConfig whose stage YAMLs exist (the stage YAMLs parse in the test above;
+    a pipeline's own run, which needs its model folder, is tested elsewhere or by the slow tier)."""
+    from rlhf_lightning.pipeline import RLHFConfig
+
+    config = RLHFConfig.from_yaml(path)
+    for stage, source in config.stage_configs.items():
+        if not isinstance(source, dict):
+            assert (REPO / source).is_file(), f"{path.name}: stage_configs.{stage}={source} not found"

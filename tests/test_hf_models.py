@@ -139,6 +139,30 @@ def test_reference_of_merges_the_adapter_and_disables_a_fresh_one(folder):
         torch.testing.assert_close(rebuilt(ids), after)
 
 
+def test_reference_view_generates_the_merged_model_replies(folder):
+    """PPO's score calibration samples replies from the reference: ``generate`` on the adapter-disabled view runs (it
+    reads ``training`` and ``new_cache``), leaves the policy's mode alone and gives the merged model's replies."""
+    from rlhf_lightning.models.hf import reference_of
+
+    tok = _tok(folder)
+    lora = build_model(ModelArgs(hf_path=str(folder), lora=LoRAArgs(r=4)), tok.vocab_size).eval()
+    reference = reference_of(lora)
+    with torch.no_grad():  # the fresh adapter trains a little: policy and reference now differ
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    ids, mask = _left_padded(tok, [CONV[:1], CONV[:3]])
+    args = GenerationArgs(max_new_tokens=6, do_sample=False)
+    kw = dict(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    ref = generate(reference, ids, mask, args, **kw)
+    with lora.adapter_disabled():
+        merged = generate(lora, ids, mask, args, **kw)
+    assert torch.equal(ref.response_ids, merged.response_ids)
+    lora.train()
+    generate(reference, ids, mask, args, **kw)
+    assert lora.training  # the view's eval()/train() leave the policy's mode alone
+
+
 def test_gradient_checkpointing_option(folder):
     tok = _tok(folder)
     model = build_model(ModelArgs(hf_path=str(folder), gradient_checkpointing=True), tok.vocab_size).train()

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlhf_lightning import pipeline as pipeline_module
 from rlhf_lightning.pipeline import STAGES, RLHFConfig, RLHFPipeline
@@ -69,7 +70,8 @@ def test_tokenizer_follows_save_dir_in_every_shipped_pipeline(tmp_path):
     for path in sorted((REPO / "configs").glob("pipeline*.yaml")):
         config = RLHFConfig.from_yaml(path)
         if config.tokenizer_path is not None:  # a Hugging Face model folder: its own tokenizer
-            assert "hf" in path.name, path
+            sft = yaml.safe_load((REPO / config.stage_configs["sft"]).read_text(encoding="utf-8"))
+            assert sft["model"]["init_args"]["model"].get("hf_path"), path
             continue
         config.save_dir = str(tmp_path / "elsewhere")
         assert RLHFPipeline(config).tokenizer_path == str(tmp_path / "elsewhere" / "tokenizer.json"), path

@@ -332,8 +332,9 @@ class AdapterDisabledView:
     """A LoRA policy with its adapter switched off (no second copy); build references with :func:`reference_of`.
 
     Not an ``nn.Module`` on purpose, so assigning it to a LightningModule attribute registers no parameters twice.
-    Implements ``hidden_states`` / ``lm_head`` / ``config`` / ``new_cache``: what the rollout and sampling (PPO's
-    reward normalisation samples replies from the reference) read from a reference.
+    Implements ``hidden_states`` / ``lm_head`` / ``config``, which is all the rollout reads from a reference, and
+    ``training`` / ``new_cache``, which ``models.generation.generate`` also reads: PPO's score calibration samples
+    replies from the reference.
     """
 
     def __init__(self, policy: HFCausalLM) -> None:
@@ -348,17 +349,16 @@ class AdapterDisabledView:
     def lm_head(self) -> nn.Module:
         return self.policy.lm_head
 
+    @property
+    def training(self) -> bool:
+        return False  # frozen: eval()/train() leave the policy's own mode alone
+
+    def new_cache(self, *args: Any, **kwargs: Any) -> HFCache:
+        return self.policy.new_cache(*args, **kwargs)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         with self.policy.adapter_disabled():
             return self.policy(*args, **kwargs)
-
-    @property
-    def training(self) -> bool:
-        return self.policy.training
-
-    def new_cache(self, *args: Any, **kwargs: Any) -> Any:
-        """A KV cache for :func:`~rlhf_lightning.models.generation.generate` (sampling from the reference)."""
-        return self.policy.new_cache(*args, **kwargs)
 
     def eval(self) -> AdapterDisabledView:
         return self
