@@ -8,11 +8,18 @@ checkpoints, and every checkpoint folder must be writable: :class:`WritableCheck
 configs run on several devices as they are), and the run guards
 of ``rlhf_lightning.guards`` (stop on a non-finite loss or gradient; save and exit 143/130 on SIGTERM/SIGINT) in
 every Trainer's callbacks.
+
+Start-up noise is kept off the console (:func:`quiet_startup`): Lightning's "GPU available / TPU available" lines, its
+litlogger tip and "Loading `train_dataloader` to estimate ..." note, and torch's ``LeafSpec`` deprecation warning from
+Lightning's ``_pytree``; the progress bar no longer shows the logger's version (a W&B run id) as ``v_num``.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -73,6 +80,45 @@ def checkpoint_dir(callback: object, trainer: object) -> Path | None:
     return Path(save_dir, str(logger.name or ""), version, "checkpoints")
 
 
+#: Lightning's start-up log lines that tell the user nothing they asked for (matched at the start of the message).
+NOISE_PREFIXES = (
+    "GPU available:",
+    "TPU available:",
+    "💡 Tip: For seamless cloud logging",
+    "Loading `train_dataloader` to estimate number of stepping batches",
+)
+_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _DropStartupNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(NOISE_PREFIXES)
+
+
+_NOISE_FILTER = _DropStartupNoise()
+
+
+def quiet_startup() -> None:
+    """Keep Lightning's start-up noise off the console (see the module docstring); safe to call again."""
+    for name in _RANK_ZERO_LOGGERS:
+        logger = logging.getLogger(name)
+        if _NOISE_FILTER not in logger.filters:
+            logger.addFilter(_NOISE_FILTER)
+    # torch deprecated LeafSpec; Lightning's _pytree still builds it (not the user's code)
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+
+
+def _drop_v_num(get_metrics: Any) -> Any:
+    def metrics(trainer: Any, pl_module: Any) -> dict[str, Any]:
+        items = dict(get_metrics(trainer, pl_module))
+        items.pop("v_num", None)  # the logger's version (a W&B run id): not a training metric
+        return items
+
+    return metrics
+
+
 class WritableCheckpointFolders(Callback):
     """At the start of ``fit`` (before the model is built or any step runs), check that every ``ModelCheckpoint``
     folder can be written: an unwritable or impossible folder is a one-line :class:`CheckpointError` now instead of
@@ -113,6 +159,7 @@ class RLHFLightningCLI(LightningCLI):
             WritableCheckpointFolders(),
         ]
         kwargs["trainer_defaults"] = defaults
+        quiet_startup()
         super().__init__(*args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
@@ -124,7 +171,11 @@ class RLHFLightningCLI(LightningCLI):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         if not config["trainer"].get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        bar = trainer.progress_bar_callback
+        if bar is not None:
+            bar.get_metrics = _drop_v_num(bar.get_metrics)
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         """Read ``--ckpt_path`` through the suite's safe loader first, so a refused or unreadable file ends in one

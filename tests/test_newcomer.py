@@ -1,0 +1,135 @@
+"""A newcomer's run: progress lines in log files, a quiet start-up, CLI conventions and readable output files.
+
+One module-scoped ``rlhf-lightning fit --config configs/sft_tiny.yaml`` (one epoch, progress bar on, run in a
+temporary working folder so the config's relative paths land there) is shared by the tests that read its output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhf_lightning.callbacks import StageProgress
+from rlhf_lightning.cli import run_stage_cli
+
+REPO = Path(__file__).resolve().parents[1]
+SFT_TINY = str(REPO / "configs" / "sft_tiny.yaml")
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def tiny_fit(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The shipped tiny SFT config run through the CLI in a fresh folder: its stderr, log records and warnings."""
+    folder = tmp_path_factory.mktemp("newcomer")
+    (folder / "data").symlink_to(REPO / "data")
+    records = _Records()
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    lightning_logger.addHandler(records)
+    stderr = io.StringIO()
+    try:
+        with (
+            pytest.MonkeyPatch.context() as patch,
+            warnings.catch_warnings(record=True) as caught,
+            contextlib.redirect_stderr(stderr),
+        ):
+            warnings.simplefilter("always")
+            patch.chdir(folder)
+            cli = run_stage_cli(
+                [
+                    "fit",
+                    "--config",
+                    SFT_TINY,
+                    "--trainer.max_epochs",
+                    "1",
+                    "--trainer.enable_progress_bar",
+                    "true",
+                ]
+            )
+    finally:
+        lightning_logger.removeHandler(records)
+    return SimpleNamespace(
+        cli=cli,
+        folder=folder,
+        stderr=stderr.getvalue(),
+        messages=records.messages,
+        warnings=[str(w.message) for w in caught],
+    )
+
+
+# -- 5. progress in log files --------------------------------------------------------------------------------------------
+def test_stage_progress_prints_lines_off_a_tty(tiny_fit: SimpleNamespace) -> None:
+    lines = [line for line in tiny_fit.stderr.splitlines() if line.startswith("[sft] step")]
+    assert [line.split(" | ")[0] for line in lines] == ["[sft] step 5/5"]  # log_every_n: 5 in sft_tiny.yaml
+    assert " | loss " in lines[0] and " steps/s" in lines[0]
+
+
+def test_stage_progress_every_n_steps_with_eta() -> None:
+    stream = io.StringIO()
+    progress = StageProgress(log_every_n=2, stream=stream)
+    trainer = SimpleNamespace(
+        estimated_stepping_batches=5,
+        global_step=0,
+        is_global_zero=True,
+        callback_metrics={},
+        progress_bar_callback=None,
+    )
+    module = type("RewardModule", (), {})()
+    progress.on_train_start(trainer, module)
+    for step in range(1, 6):
+        trainer.global_step = step
+        trainer.callback_metrics = {"train/loss": torch.tensor(1.0 / step)}
+        progress.on_train_batch_end(trainer, module, None, None, step - 1)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" | ")[0] for line in lines] == [
+        "[reward] step 2/5",
+        "[reward] step 4/5",
+        "[reward] step 5/5",
+    ]
+    assert "loss 0.5" in lines[0] and "ETA " in lines[0] and "ETA" not in lines[-1]
+
+
+def test_stage_progress_is_silent_on_a_tty_with_a_progress_bar() -> None:
+    stream = io.StringIO()
+    progress = StageProgress(log_every_n=1, interactive=True, stream=stream)
+    trainer = SimpleNamespace(
+        estimated_stepping_batches=3,
+        global_step=1,
+        is_global_zero=True,
+        callback_metrics={},
+        progress_bar_callback=object(),
+    )
+    progress.on_train_start(trainer, object())
+    trainer.global_step = 2
+    progress.on_train_batch_end(trainer, object(), None, None, 0)
+    assert stream.getvalue() == ""
+
+
+# -- 6. start-up noise ---------------------------------------------------------------------------------------------------
+def test_startup_noise_is_kept_off_the_console(tiny_fit: SimpleNamespace) -> None:
+    said = "\n".join(tiny_fit.messages) + tiny_fit.stderr
+    for noise in ("GPU available", "TPU available", "litlogger", "to estimate number of stepping batches"):
+        assert noise not in said
+    assert not [w for w in tiny_fit.warnings if "LeafSpec" in w]
+    assert any("Trainer.fit" in m for m in tiny_fit.messages)  # other Lightning lines still come through
+
+
+def test_progress_bar_has_no_v_num(tiny_fit: SimpleNamespace) -> None:
+    trainer = tiny_fit.cli.trainer
+    assert trainer.progress_bar_callback is not None and trainer.loggers
+    assert "v_num" not in trainer.progress_bar_callback.get_metrics(trainer, tiny_fit.cli.model)
+    assert "v_num" not in tiny_fit.stderr
