@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from rlhf_lightning.callbacks import StageProgress
-from rlhf_lightning.cli import run_stage_cli
+from rlhf_lightning.cli import main, run_stage_cli
+from rlhf_lightning.stage_cli import STAGES, RLHFLightningCLI
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_TINY = str(REPO / "configs" / "sft_tiny.yaml")
@@ -133,3 +134,53 @@ def test_progress_bar_has_no_v_num(tiny_fit: SimpleNamespace) -> None:
     assert trainer.progress_bar_callback is not None and trainer.loggers
     assert "v_num" not in trainer.progress_bar_callback.get_metrics(trainer, tiny_fit.cli.model)
     assert "v_num" not in tiny_fit.stderr
+
+
+# -- 8. CLI conventions --------------------------------------------------------------------------------------------------
+def test_test_subcommand_without_a_test_split_refuses_in_one_line(
+    tiny_fit: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tiny_fit.folder)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", SFT_TINY])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    assert err.startswith("error: `test` is not supported by SFTModule with SFTDataModule")
+    assert "stages that support it: RewardModule with PreferenceDataModule" in err
+
+
+def test_fit_help_lists_the_stage_and_datamodule_classes(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # the help formatter wraps lines
+    assert exit_info.value.code == 0
+    for model, data in STAGES.values():
+        assert model in out and data in out
+    assert "GRPOModule" in out and "DPOModule" in out
+
+
+def test_refused_fresh_fit_is_refused_before_building_anything(
+    tiny_fit: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def built(self) -> None:
+        raise AssertionError("the model and data were built before the checkpoint folder was checked")
+
+    monkeypatch.chdir(tiny_fit.folder)
+    monkeypatch.setattr(RLHFLightningCLI, "instantiate_classes", built)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", SFT_TINY])
+    err = capsys.readouterr().err
+    assert "error: checkpoint folder runs/tiny/sft/checkpoints already holds" in err
+
+
+def test_fit_from_a_finished_checkpoint_says_nothing_was_trained(
+    tiny_fit: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tiny_fit.folder)
+    last = "runs/tiny/sft/checkpoints/last.ckpt"
+    main(["fit", "--config", SFT_TINY, "--trainer.max_epochs", "1", "--ckpt_path", last])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nothing to train")]
+    assert lines == [
+        f"nothing to train: {last} (step 5, epoch 0) already reached trainer.max_steps=-1 / max_epochs=1; "
+        "raise them to train further"
+    ]
