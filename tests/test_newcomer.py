@@ -184,3 +184,41 @@ def test_fit_from_a_finished_checkpoint_says_nothing_was_trained(
         f"nothing to train: {last} (step 5, epoch 0) already reached trainer.max_steps=-1 / max_epochs=1; "
         "raise them to train further"
     ]
+
+
+# -- 10. files the suite writes are readable by group and others -----------------------------------------------------------
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_tokenizer_file_is_readable_by_all(tmp_path: Path, tiny_tokenizer) -> None:
+    tiny_tokenizer.save(tmp_path / "tok" / "tokenizer.json")
+    assert _mode(tmp_path / "tok" / "tokenizer.json") == 0o644
+
+
+def test_scored_jsonl_is_readable_by_all(tmp_path: Path) -> None:
+    from rlhf_lightning.scoring import _atomic_write_jsonl
+
+    _atomic_write_jsonl(tmp_path / "scored.jsonl", [{"score": 1.0}])
+    assert _mode(tmp_path / "scored.jsonl") == 0o644
+
+
+def test_export_folder_is_readable_by_all(tmp_path: Path, tiny_tokenizer) -> None:
+    pytest.importorskip("transformers")
+    from rlhf_lightning.export import export_checkpoint
+    from rlhf_lightning.models.factory import model_spec
+    from rlhf_lightning.models.gpt import create_model
+    from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY
+    from rlhf_lightning.stages.tokenizer_link import tokenizer_payload
+
+    gpt = create_model("tiny", vocab_size=tiny_tokenizer.vocab_size, n_layer=1)
+    payload = {"stage": "sft", "backbone_prefix": "model.", "model_spec": model_spec(gpt)}
+    state = {"model." + k: v for k, v in gpt.state_dict().items()}
+    ckpt = tmp_path / "sft.ckpt"
+    torch.save({"state_dict": state, PAYLOAD_KEY: {**payload, **tokenizer_payload(tiny_tokenizer)}}, ckpt)
+    export_checkpoint(ckpt, tmp_path / "hf")
+    paths = [tmp_path / "hf", *(tmp_path / "hf").rglob("*")]
+    assert any(p.is_file() for p in paths)
+    assert {str(p.relative_to(tmp_path)): _mode(p) for p in paths} == {
+        str(p.relative_to(tmp_path)): 0o755 if p.is_dir() else 0o644 for p in paths
+    }
