@@ -1,10 +1,16 @@
-"""Callbacks for watching a run: PPO progress and SFT sample generations.
+"""Callbacks for watching a run: PPO progress, step progress of the other stages, and SFT sample generations.
 
 :class:`PPOProgress` shows where a PPO run is: the phase of the current iteration (generation, scoring, update, or
 evaluation), iterations done out of the total, generated tokens per second and seconds per iteration, with the
 latest score and KL. On a terminal it rewrites one status line; in a non-interactive log (not a TTY: CI, SLURM, a
 pipe) it prints a plain line every ``log_every_n`` iterations, or nothing with ``log_every_n=0``. Use it with
 ``trainer.enable_progress_bar: false`` (Lightning's bar counts steps, not phases).
+
+
+:class:`StageProgress` is the same idea for step-counted stages (SFT, reward model, DPO): off a TTY (or with Lightning's
+progress bar disabled) it prints a plain line every ``log_every_n`` optimizer steps and at the last one, e.g.
+``[sft] step 40/204 | loss 5.123 | 2.1 steps/s | ETA 1m18s``, so a log file shows the run moving between epochs. On a
+terminal with the progress bar on it prints nothing (the bar already shows steps).
 
 The phase is read from the networks the PPO module already has, through forward pre-hooks (no change to the module):
 an iteration starts in ``generation``; the first forward of the frozen reference, the reward model or a gradient-free
@@ -34,7 +40,45 @@ from rlhf_lightning.stages.sampling import replies_for_ids
 PHASES = ("generation", "scoring", "update")
 
 
-class PPOProgress(Callback):
+class _StatusLines(Callback):
+    """Where progress callbacks write, and whether the stream is interactive (a TTY).
+
+    Args:
+        log_every_n: in a non-interactive log, print a plain line every this many steps (0 = print nothing).
+        interactive: ``True`` for a terminal, ``False`` for a log file; ``None`` asks whether the stream is a TTY.
+        stream: where to write (default ``sys.stderr``).
+    """
+
+    def __init__(
+        self, log_every_n: int = 10, interactive: bool | None = None, stream: TextIO | None = None
+    ) -> None:
+        if log_every_n < 0:
+            raise ValueError(f"log_every_n={log_every_n}; expected 0 (silent) or a positive number")
+        self.log_every_n = log_every_n
+        self._interactive = interactive
+        self._stream = stream
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stderr
+
+    @property
+    def interactive(self) -> bool:
+        if self._interactive is not None:
+            return self._interactive
+        isatty = getattr(self.stream, "isatty", None)
+        return bool(isatty and isatty())
+
+    def _due(self, step: int, total: int | None) -> bool:
+        """Whether a plain line is due after ``step`` (every ``log_every_n`` steps and at the last one)."""
+        return bool(self.log_every_n) and (step % self.log_every_n == 0 or step == total)
+
+    def _write_line(self, line: str) -> None:
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+class PPOProgress(_StatusLines):
     """Phase, iterations done/total and tokens per second of a PPO run (see the module docstring).
 
     Args:
@@ -47,11 +91,7 @@ class PPOProgress(Callback):
     def __init__(
         self, log_every_n: int = 10, interactive: bool | None = None, stream: TextIO | None = None
     ) -> None:
-        if log_every_n < 0:
-            raise ValueError(f"log_every_n={log_every_n}; expected 0 (silent) or a positive number")
-        self.log_every_n = log_every_n
-        self._interactive = interactive
-        self._stream = stream
+        super().__init__(log_every_n, interactive, stream)
         self.phase = "idle"
         self.iteration = 0
         self.total: int | None = None
@@ -59,18 +99,6 @@ class PPOProgress(Callback):
         self._started = 0.0
         self._last: dict[str, float] = {}
         self._evaluating = False
-
-    # -- where to write ------------------------------------------------------------------------------------------------
-    @property
-    def stream(self) -> TextIO:
-        return self._stream or sys.stderr
-
-    @property
-    def interactive(self) -> bool:
-        if self._interactive is not None:
-            return self._interactive
-        isatty = getattr(self.stream, "isatty", None)
-        return bool(isatty and isatty())
 
     # -- phase tracking ------------------------------------------------------------------------------------------------
     def _set_phase(self, phase: str) -> None:
@@ -134,9 +162,8 @@ class PPOProgress(Callback):
             return
         if self.interactive:
             self._draw()
-        elif self.log_every_n and (self.iteration % self.log_every_n == 0 or self.iteration == self.total):
-            self.stream.write(self.status() + "\n")
-            self.stream.flush()
+        elif self._due(self.iteration, self.total):
+            self._write_line(self.status())
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._evaluating = True
@@ -162,6 +189,71 @@ class PPOProgress(Callback):
     def _draw(self) -> None:
         self.stream.write("\r\x1b[K" + self.status())
         self.stream.flush()
+
+
+class StageProgress(_StatusLines):
+    """A plain progress line every ``log_every_n`` optimizer steps of an SFT, reward or DPO run (see the module
+    docstring): step done/total, the latest ``train/loss``, steps per second and the estimated time left.
+
+    Args:
+        log_every_n: print a line every this many optimizer steps (and at the last one); 0 = print nothing.
+        name: the stage's name in the line (default: the module's class name without ``Module``, lower-cased).
+        interactive: ``True`` for a terminal (silent while Lightning's progress bar is on), ``False`` for a log file;
+            ``None`` asks whether the stream is a TTY.
+        stream: where to write (default ``sys.stderr``).
+    """
+
+    def __init__(
+        self,
+        log_every_n: int = 50,
+        name: str | None = None,
+        interactive: bool | None = None,
+        stream: TextIO | None = None,
+    ) -> None:
+        super().__init__(log_every_n, interactive, stream)
+        self.name = name
+        self.total: int | None = None
+        self._started = 0.0
+        self._first_step = 0
+        self._last_step = -1
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.name is None:
+            self.name = type(pl_module).__name__.removesuffix("Module").lower() or "train"
+        total = trainer.estimated_stepping_batches
+        self.total = int(total) if isinstance(total, int | float) and 0 < total < float("inf") else None
+        self._started = time.perf_counter()
+        self._first_step = self._last_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not trainer.is_global_zero or not self._due(step, self.total):
+            return
+        self._last_step = step
+        if self.interactive and getattr(trainer, "progress_bar_callback", None) is not None:
+            return  # the progress bar already shows the steps
+        self._write_line(self.status(step, trainer.callback_metrics))
+
+    def status(self, step: int, metrics: dict[str, Any]) -> str:
+        """The progress line after ``step``, e.g. ``[sft] step 40/204 | loss 5.123 | 2.1 steps/s | ETA 1m18s``."""
+        total = f"/{self.total}" if self.total else ""
+        parts = [f"[{self.name}] step {step}{total}"]
+        if "train/loss" in metrics:
+            parts.append(f"loss {float(metrics['train/loss']):.4g}")
+        elapsed = time.perf_counter() - self._started
+        rate = (step - self._first_step) / elapsed if elapsed > 0 else 0.0
+        if rate > 0:
+            parts.append(f"{rate:.3g} steps/s")
+            if self.total and self.total > step:
+                eta = round((self.total - step) / rate)
+                parts.append(
+                    f"ETA {eta // 3600}h{eta % 3600 // 60:02d}m"
+                    if eta >= 3600
+                    else f"ETA {eta // 60}m{eta % 60:02d}s"
+                )
+        return " | ".join(parts)
 
 
 class SFTSamples(Callback):

@@ -202,6 +202,14 @@ def _export_hf(
         tokenizer.save(out)
 
 
+def _make_readable(folder: Path) -> None:
+    """Folders 0755 and files 0644 under ``folder`` (itself included): readable by group and others, as checkpoints are."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def export_checkpoint(
     ckpt: str | Path,
     output: str | Path,
@@ -254,6 +262,7 @@ def export_checkpoint(
             adapter_config = json.loads(config_file.read_text())
             adapter_config["base_model_name_or_path"] = str(output.resolve())
             config_file.write_text(json.dumps(adapter_config, indent=2))
+        _make_readable(tmp)  # mkdtemp creates 0700: an exported model folder is for sharing
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)

@@ -92,6 +92,7 @@ def _atomic_write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; scores are an ordinary, shareable file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
