@@ -247,30 +247,27 @@ class GRPOModule(LightningModule):
         opt = self.optimizers(use_pl_optimizer=False)
         self.policy.train()  # dropout is 0: train mode changes nothing numerically
         B = len(rollout)
-        mb = min(self.grpo.minibatch_size, B)
-        micro = min(self.grpo.micro_batch_size or mb, mb)
+        micro = min(self.grpo.micro_batch_size or self.grpo.minibatch_size, self.grpo.minibatch_size, B)
         history: dict[str, list[torch.Tensor]] = {}
-        for _epoch in range(self.grpo.epochs):
-            order = torch.randperm(B, generator=self.generator).to(self.device)
-            for start in range(0, B, mb):
-                rows = order[start : start + mb]
-                opt.zero_grad(set_to_none=True)
-                weights = row_weights(
-                    rollout.response_mask[rows], self.grpo.aggregation, self.generation.max_new_tokens
-                )
-                total = torch.zeros((), device=self.device)
-                for m in range(0, len(rows), micro):  # the micro losses add up to the minibatch's loss
-                    loss, stats = self.loss(rollout, rows[m : m + micro], weights[m : m + micro])
-                    self.manual_backward(loss)
-                    total = total + loss.detach()
-                    for key, value in stats.items():
-                        history.setdefault(key, []).append(value)
-                history.setdefault("loss", []).append(total)
-                params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-                if self.grpo.max_grad_norm is not None and params:
-                    norm = torch.nn.utils.clip_grad_norm_(params, self.grpo.max_grad_norm)
-                    history.setdefault("grad_norm", []).append(norm)
-                opt.step()
+        g = self.grpo
+        for rows in online.shuffled_minibatches(B, g.minibatch_size, g.epochs, self.generator, self.device):
+            opt.zero_grad(set_to_none=True)
+            weights = row_weights(
+                rollout.response_mask[rows], self.grpo.aggregation, self.generation.max_new_tokens
+            )
+            total = torch.zeros((), device=self.device)
+            for m in range(0, len(rows), micro):  # the micro losses add up to the minibatch's loss
+                loss, stats = self.loss(rollout, rows[m : m + micro], weights[m : m + micro])
+                self.manual_backward(loss)
+                total = total + loss.detach()
+                for key, value in stats.items():
+                    history.setdefault(key, []).append(value)
+            history.setdefault("loss", []).append(total)
+            params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            if self.grpo.max_grad_norm is not None and params:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.grpo.max_grad_norm)
+                history.setdefault("grad_norm", []).append(norm)
+            opt.step()
         self.policy.eval()
         return {key: torch.stack(values).mean() for key, values in history.items()}
 

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -40,6 +40,18 @@ def count_iteration(trainer: Any) -> None:
     progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
     progress.increment_ready()
     progress.increment_completed()
+
+
+def shuffled_minibatches(
+    n: int, minibatch_size: int, epochs: int, generator: torch.Generator, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Row indices (long, on ``device``) of every minibatch of an update: ``epochs`` passes, each over a fresh
+    permutation of the ``n`` rollout rows drawn from ``generator`` when the pass starts."""
+    size = min(minibatch_size, n)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).to(device)
+        for start in range(0, n, size):
+            yield order[start : start + size]
 
 
 def sampling_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:

@@ -78,6 +78,7 @@ from rlhf_lightning.stages.online import (
     rank_seed,
     restore_frozen,
     sampling_generator,
+    shuffled_minibatches,
 )
 from rlhf_lightning.stages.ppo_metrics import SAMPLE_COLUMNS, iteration_metrics, sample_rows, sequence_kl
 from rlhf_lightning.stages.ppo_models import load_networks
@@ -429,29 +430,28 @@ class PPOModule(LightningModule):
         policy_opt, value_opt = self.optimizers(use_pl_optimizer=False)
         self.policy.train(), self.value_model.train()  # dropout is 0: train mode changes nothing numerically
         B = len(rollout)
-        mb = min(self.ppo.minibatch_size, B)
-        micro = min(self.ppo.micro_batch_size or mb, mb)
+        micro = min(self.ppo.micro_batch_size or self.ppo.minibatch_size, self.ppo.minibatch_size, B)
         history: dict[str, list[torch.Tensor]] = {}
-        for _epoch in range(self.ppo.epochs):
-            order = torch.randperm(B, generator=self.generator).to(self.device)
-            for start in range(0, B, mb):
-                rows = order[start : start + mb]
-                policy_opt.zero_grad(set_to_none=True)
-                value_opt.zero_grad(set_to_none=True)
-                tokens = rollout.response_mask[rows].sum().clamp_min(1)
-                for m in range(0, len(rows), micro):
-                    part = rows[m : m + micro]
-                    loss, stats = self._losses(rollout, part, update_policy)
-                    # losses are token means: weight each micro-batch by its share of the minibatch's tokens, so
-                    # the accumulated gradient equals the full minibatch's
-                    self._backward(loss * rollout.response_mask[part].sum() / tokens)
-                    for key, value in stats.items():
-                        history.setdefault(key, []).append(value)
-                if ptx is not None and update_policy:
-                    history.setdefault("ptx_loss", []).append(self._ptx_backward(ptx, micro))
-                grad_norms = self._clip_and_step(policy_opt, value_opt, update_policy)
-                for key, value in grad_norms.items():
+        batches = shuffled_minibatches(
+            B, self.ppo.minibatch_size, self.ppo.epochs, self.generator, self.device
+        )
+        for rows in batches:
+            policy_opt.zero_grad(set_to_none=True)
+            value_opt.zero_grad(set_to_none=True)
+            tokens = rollout.response_mask[rows].sum().clamp_min(1)
+            for m in range(0, len(rows), micro):
+                part = rows[m : m + micro]
+                loss, stats = self._losses(rollout, part, update_policy)
+                # losses are token means: weight each micro-batch by its share of the minibatch's tokens, so
+                # the accumulated gradient equals the full minibatch's
+                self._backward(loss * rollout.response_mask[part].sum() / tokens)
+                for key, value in stats.items():
                     history.setdefault(key, []).append(value)
+            if ptx is not None and update_policy:
+                history.setdefault("ptx_loss", []).append(self._ptx_backward(ptx, micro))
+            grad_norms = self._clip_and_step(policy_opt, value_opt, update_policy)
+            for key, value in grad_norms.items():
+                history.setdefault(key, []).append(value)
         self.policy.eval(), self.value_model.eval()
         return {key: torch.stack(values).mean() for key, values in history.items()}
 
