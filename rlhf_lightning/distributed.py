@@ -101,6 +101,14 @@ def global_masked_moments(
     return mean.to(x.dtype), var.to(x.dtype), n
 
 
+def token_mean_scale(local_tokens: Tensor) -> Tensor:
+    """``world_size / (tokens on every rank)``: a rank that backpropagates ``scale * (sum of its per-token losses)``
+    and then :func:`average_gradients` steps on the token mean over all ranks' tokens (a mean of per-rank token means
+    would weight a token on a rank with few tokens more). On one process: ``1 / local_tokens``."""
+    total = all_reduce_sum(local_tokens.detach().float().reshape(1)).clamp_min(1)
+    return world_size() / total.squeeze(0)
+
+
 def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     """Replace each ``.grad`` with its mean over ranks (one flat all-reduce). Parameters without a gradient are
     skipped, so every rank must have gradients on the same parameters (the same code path on every rank)."""

@@ -18,7 +18,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rlhf_lightning.distributed import all_gather_tensors, all_reduce_sum, global_masked_moments, global_mean
+from rlhf_lightning.distributed import (
+    all_gather_tensors,
+    all_reduce_sum,
+    average_gradients,
+    global_masked_moments,
+    global_mean,
+    token_mean_scale,
+)
 from rlhf_lightning.functional.advantages import RunningMoments
 from rlhf_lightning.functional.kl import AdaptiveKLController, kl_k1
 from rlhf_lightning.functional.masked import masked_sum
@@ -71,6 +78,23 @@ def _statistics(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
+def _token_mean_gradient(mask: torch.Tensor, micro: int = 3) -> torch.Tensor:
+    """The gradient PPO's update takes on this process's rows: micro-batches of token-mean losses, each weighted by its
+    tokens times :func:`token_mean_scale`, then averaged over ranks (a toy per-token loss ``(x . w)^2``)."""
+    x = torch.randn(2 * B, R, 3, generator=torch.Generator().manual_seed(1))
+    rank = dist.get_rank() if dist.is_initialized() else None
+    x = x if rank is None else x[rank * B : (rank + 1) * B]
+    w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+    scale = token_mean_scale(mask.sum())
+    for m in range(0, len(mask), micro):
+        part = mask[m : m + micro]
+        per_token = (x[m : m + micro] @ w) ** 2
+        loss = per_token[part].mean() if part.any() else per_token.sum() * 0
+        (loss * part.sum() * scale).backward()
+    average_gradients([w])
+    return w.grad.detach().clone()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,6 +106,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     try:
         part = {k: v[rank * B : (rank + 1) * B] for k, v in _batch().items()}
         result = _statistics(part)
+        result["token_mean_grad"] = _token_mean_gradient(part["mask"])
         # per-rank generators: seeded apart, gathered as on_save_checkpoint gathers them, restored as on load
         generator = torch.Generator().manual_seed(rank_seed(0, rank))
         torch.rand(3, generator=generator)
@@ -118,6 +143,13 @@ def test_two_ranks_of_batch_b_give_the_statistics_of_one_rank_of_batch_2b(two_ra
     # the batch really is uneven across ranks (else a mean of per-rank means would pass too)
     mask = _batch()["mask"]
     assert mask[:B].sum() != mask[B:].sum()
+
+
+def test_ppo_update_is_the_token_mean_over_every_ranks_tokens(two_ranks):
+    """2 ranks with different token counts step on the gradient one process takes on both ranks' rows."""
+    one = _token_mean_gradient(_batch()["mask"])
+    for rank in two_ranks:
+        torch.testing.assert_close(rank["token_mean_grad"], one)
 
 
 def test_every_rank_resumes_its_own_generator_stream(two_ranks):

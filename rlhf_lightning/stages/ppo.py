@@ -60,6 +60,7 @@ from rlhf_lightning.distributed import (
     global_mean,
     global_rank,
     no_backward_sync,
+    token_mean_scale,
     world_size,
 )
 from rlhf_lightning.functional.kl import AdaptiveKLController, FixedKLController, kl_k1
@@ -438,13 +439,14 @@ class PPOModule(LightningModule):
         for rows in batches:
             policy_opt.zero_grad(set_to_none=True)
             value_opt.zero_grad(set_to_none=True)
-            tokens = rollout.response_mask[rows].sum().clamp_min(1)
+            # every rank's tokens of this minibatch: with average_gradients the step is their token mean
+            scale = token_mean_scale(rollout.response_mask[rows].sum())
             for m in range(0, len(rows), micro):
                 part = rows[m : m + micro]
                 loss, stats = self._losses(rollout, part, update_policy)
-                # losses are token means: weight each micro-batch by its share of the minibatch's tokens, so
-                # the accumulated gradient equals the full minibatch's
-                self._backward(loss * rollout.response_mask[part].sum() / tokens)
+                # losses are token means: weight each micro-batch by its share of the minibatch's tokens (on
+                # every rank), so the accumulated gradient equals the full minibatch's
+                self._backward(loss * rollout.response_mask[part].sum() * scale)
                 for key, value in stats.items():
                     history.setdefault(key, []).append(value)
             if ptx is not None and update_policy:
