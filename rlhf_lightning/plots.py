@@ -1,7 +1,8 @@
 """PNG plots of each stage's training curves, read from the ``metrics.csv`` a stage's CSVLogger writes.
 
 - ``sft``: train and validation loss;
-- ``reward``: train and validation loss, training (``reward/accuracy``) and validation accuracy;
+- ``reward``: train and validation loss, training (``reward/accuracy``, per batch, with a smoothed line over it) and
+  validation accuracy;
 - ``ppo``: reward-model score, KL to the reference and response length per iteration (held-out ``val/*`` as dots);
 - ``grpo`` and ``rloo``: score, KL to the reference, response length and clip fraction per iteration;
 - ``dpo``: train and validation loss, pair accuracy, margin and the implicit rewards of chosen and rejected replies.
@@ -11,7 +12,9 @@ reply length per policy) into ``evaluation.png``.
 
 The pipeline calls :func:`save_run_plots` after every stage, giving ``<save_dir>/plots/<stage>.png``. Figures are
 built with ``matplotlib.figure.Figure`` (no pyplot), so plotting never changes a notebook's or GUI's backend.
-Missing metrics are skipped; a stage without any of its metrics gets no plot.
+Missing metrics are skipped; a stage without any of its metrics gets no plot. Per-batch accuracies (:data:`SMOOTHED`)
+are drawn faint with a trailing moving average (:func:`smooth`) on top: a batch of 8 pairs moves accuracy in steps of
+1/8, which hides the trend. Iteration axes (PPO, GRPO, RLOO) get integer ticks only.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ PANELS["grpo"] = PANELS["rloo"] = [
     *PANELS["ppo"][1:],
     ("clip fraction", [("grpo/clipfrac", "update")]),
 ]
+# per-batch accuracies: drawn faint, with a smoothed line on top
+SMOOTHED: frozenset[str] = frozenset({"reward/accuracy", "train/accuracy"})
+SMOOTH_WINDOW_FRACTION = 0.2  # the moving-average window: a fifth of the logged points, at least 3
 X_LABEL = {
     "sft": "step",
     "reward": "step",
@@ -88,9 +94,23 @@ def read_metrics(path: str | Path) -> dict[str, Series]:
     return series
 
 
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average: point ``i`` is the mean of ``values[max(0, i - window + 1) : i + 1]``."""
+    if window < 1:
+        raise ValueError(f"window={window}; expected >= 1")
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_stage(stage: str, metrics: dict[str, Series], title: str | None = None) -> Any:
     """A ``matplotlib.figure.Figure`` of ``stage``'s panels (:data:`PANELS`), or None when no metric is there."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     panels = [(name, [c for c in curves if c[0] in metrics]) for name, curves in PANELS[stage]]
     panels = [(name, curves) for name, curves in panels if curves]
@@ -101,9 +121,16 @@ def plot_stage(stage: str, metrics: dict[str, Series], title: str | None = None)
         for key, label in curves:
             xs, ys = metrics[key]
             style = {"marker": "o", "markersize": 4} if key.startswith("val/") or len(xs) < 12 else {}
-            ax.plot(xs, ys, label=f"{label} ({key})", **style)
+            if key in SMOOTHED and len(ys) > 2:
+                window = min(len(ys), max(3, round(len(ys) * SMOOTH_WINDOW_FRACTION)))
+                (raw,) = ax.plot(xs, ys, alpha=0.3, linewidth=0.8, label=f"{label} ({key}), per batch")
+                ax.plot(xs, smooth(ys, window), color=raw.get_color(), label=f"{label}, mean of {window}")
+            else:
+                ax.plot(xs, ys, label=f"{label} ({key})", **style)
         ax.set_title(name)
         ax.set_xlabel(X_LABEL[stage])
+        if X_LABEL[stage] == "iteration":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(title or stage)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from rlhf_lightning.data.collate import collate_scoring
-from rlhf_lightning.data.formats import DataFormatError, parse_conversation, read_jsonl
+from rlhf_lightning.data.formats import DataFormatError, load_rows, parse_conversation
 from rlhf_lightning.data.sft import render_conversations
 from rlhf_lightning.models.heads import RewardModel
 from rlhf_lightning.stages.reward import load_reward_model
@@ -50,11 +50,8 @@ class ScoredRows:
 
 
 def read_conversations(path: str | Path) -> list[tuple[dict[str, Any], list[Message]]]:
-    """``(row, messages)`` for every row of ``path``; raises ``DataFormatError`` naming file, line and field."""
-    out = []
-    for line, row in read_jsonl(path):
-        out.append((row, parse_conversation(row, path=path, line=line).messages))
-    return out
+    """``(row, messages)`` for every row of ``path`` (any source ``read_rows`` reads); errors name file, line or row, field."""
+    return load_rows(path, lambda row, **where: (row, parse_conversation(row, **where).messages)).rows
 
 
 @torch.no_grad()

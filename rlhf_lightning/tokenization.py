@@ -220,11 +220,11 @@ def iter_texts_from_jsonl(paths: Iterable[PathLike]) -> Iterator[str]:
         parse_conversation,
         parse_preference,
         parse_prompt,
-        read_jsonl,
+        read_rows,
     )
 
     for path in paths:
-        for line, row in read_jsonl(path):
+        for line, row in read_rows(path):
             messages: list[Message] | None = None
             try:
                 messages = parse_conversation(row, path=path, line=line).messages

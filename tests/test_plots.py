@@ -83,3 +83,55 @@ def test_dpo_and_grpo_panels(
     fig = plot_stage(stage, read_metrics(tmp_path / "metrics.csv"))
     assert [ax.get_title() for ax in fig.axes] == titles
     assert {ax.get_xlabel() for ax in fig.axes} == {x_label}
+
+
+def test_smooth_is_a_trailing_mean() -> None:
+    from rlhf_lightning.plots import smooth
+
+    assert smooth([0.0, 1.0, 0.0, 1.0, 1.0], 2) == [0.0, 0.5, 0.5, 0.5, 1.0]
+    assert smooth([4.0, 2.0], 5) == [4.0, 3.0]
+    with pytest.raises(ValueError, match="window"):
+        smooth([1.0], 0)
+
+
+def test_reward_accuracy_is_smoothed_and_validation_points_kept(tmp_path: Path) -> None:
+    """Per-batch training accuracy (steps of 1/8) is drawn faint under its moving average; every val point is a dot."""
+    pytest.importorskip("matplotlib")
+    from rlhf_lightning.plots import plot_stage
+
+    path = tmp_path / "metrics.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "step", "reward/accuracy", "val/accuracy"])
+        for step in range(20):
+            writer.writerow([0, step, step % 2, ""])  # alternating 0/1: smoothed, it hovers near 0.5
+            if step % 5 == 4:
+                writer.writerow([0, step, "", 0.5 + step / 100])
+    fig = plot_stage("reward", read_metrics(path))
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    raw = lines["train (reward/accuracy), per batch"]
+    smoothed = lines["train, mean of 4"]
+    assert raw.get_alpha() == 0.3 and smoothed.get_color() == raw.get_color()
+    assert list(smoothed.get_ydata())[3:] == [0.5] * 17
+    assert list(lines["val (val/accuracy)"].get_xdata()) == [4.0, 9.0, 14.0, 19.0]
+
+
+def test_iteration_axes_have_integer_ticks(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from rlhf_lightning.plots import plot_stage
+
+    _write_metrics(tmp_path / "metrics.csv", ["rollout/score_mean", "rollout/kl"], 3)  # iterations 0, 1, 2
+    fig = plot_stage("ppo", read_metrics(tmp_path / "metrics.csv"))
+    for ax in fig.axes:
+        ticks = ax.get_xticks()
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_reward_config_validates_more_than_twice(repo_root: Path) -> None:
+    import yaml
+
+    interval = yaml.safe_load((repo_root / "configs" / "reward.yaml").read_text())["trainer"][
+        "val_check_interval"
+    ]
+    assert isinstance(interval, float) and 1 / interval > 2

@@ -1,14 +1,18 @@
-"""Parse JSON Lines rows into conversations, preference pairs and prompts, with errors that say where and why.
+"""Parse data rows into conversations, preference pairs and prompts, with errors that say where and why.
 
-Every error is a :class:`DataFormatError` whose message names the file, the 1-based line, the field (a JSON path such
-as ``messages[2].role``), what was found and what was expected, so a user can fix the data without reading this code.
+Rows come from JSON Lines, ``.json`` (an array or JSON Lines), Parquet/Arrow files or saved ``datasets`` folders
+(:func:`read_rows`; tables through pyarrow/``datasets``, imported only when such a source is read). Every error is a
+:class:`DataFormatError` whose message names the file, the 1-based line (or row, for tables and JSON arrays), the field
+(a JSON path such as ``messages[2].role``), what was found and what was expected, so a user can fix the data without
+reading this code.
 
 Row shapes read here:
 
 * conversations: ``{"messages": [msgs]}`` or ``{"prompt": str | [msgs], "response" | "completion": str | [msgs]}``;
-* preference pairs: an explicit ``prompt`` with ``chosen``/``rejected`` replies; an implicit prompt (``chosen`` and
-  ``rejected`` are whole conversations that share their opening turns, as in TRL's implicit-prompt preference
-  format); Anthropic HH-RLHF transcript strings (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``, Bai et al. 2022,
+* preference pairs: an explicit ``prompt`` with ``chosen``/``rejected`` replies (TRL's conversational format; also
+  UltraFeedback-binarized rows, whose ``chosen``/``rejected`` conversations repeat the ``prompt`` string); an
+  implicit prompt (``chosen`` and ``rejected`` are whole conversations that share their opening turns, as in TRL's
+  implicit-prompt preference format); Anthropic HH-RLHF transcript strings (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``, Bai et al. 2022,
   github.com/anthropics/hh-rlhf) with or without a ``prompt`` key; an optional numeric ``margin``;
 * prompts: ``{"prompt": str | [msgs], **extra}``; the extra keys (for example GSM8K's ``answer``) are kept.
 
@@ -50,7 +54,9 @@ class DataFormatError(ValueError):
     """A data file or row that cannot be read, located precisely.
 
     ``str()`` reads ``"<path>, line <n>, field '<field>': <message>; expected <expected>"``; the line and field parts
-    are left out for errors about the whole file, the ``expected`` part when there is nothing to expect.
+    are left out for errors about the whole file, the ``expected`` part when there is nothing to expect. ``unit`` is
+    ``"line"`` for text files (JSON Lines) and ``"row"`` for tables and JSON arrays (``line`` then holds the 1-based
+    row number).
     """
 
     def __init__(
@@ -60,25 +66,33 @@ class DataFormatError(ValueError):
         field: str | None,
         message: str,
         expected: str | None = None,
+        unit: str = "line",
     ) -> None:
         self.path = str(path)
         self.line = line
         self.field = field
         self.message = message
         self.expected = expected
+        self.unit = unit
         super().__init__(self._render())
 
     def _render(self) -> str:
         where = [self.path]
         if self.line is not None:
-            where.append(f"line {self.line}")
+            where.append(f"{self.unit} {self.line}")
         if self.field:
             where.append(f"field '{self.field}'")
         text = f"{', '.join(where)}: {self.message}"
         return f"{text}; expected {self.expected}" if self.expected else text
 
     def __reduce__(self):  # keep the error picklable (DataLoader workers send exceptions across processes)
-        return (type(self), (self.path, self.line, self.field, self.message, self.expected))
+        return (type(self), (self.path, self.line, self.field, self.message, self.expected, self.unit))
+
+    def in_unit(self, unit: str) -> DataFormatError:
+        """The same error counted in ``unit`` (``"row"`` for rows of a table)."""
+        if unit == self.unit:
+            return self
+        return DataFormatError(self.path, self.line, self.field, self.message, self.expected, unit)
 
 
 @dataclass(frozen=True)
@@ -486,8 +500,132 @@ def read_jsonl(path: PathLike) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+TABLE_SUFFIXES: tuple[str, ...] = (".parquet", ".arrow")
+_SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # a Dataset / a DatasetDict
+_EXPECTED_SOURCE = (
+    "a .jsonl file, a .json file (an array of objects or JSON Lines), a .parquet or .arrow file, "
+    "or a folder written by datasets' Dataset.save_to_disk"
+)
+_INSTALL_HF = "pip install 'rlhf-lightning[hf]' (it brings the datasets library and pyarrow)"
+
+
+def _read_json(path: PathLike) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    """A ``.json`` file: a JSON array of objects (numbered by row) or else JSON Lines (numbered by line)."""
+    data = Path(path).read_bytes()
+    if not data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        return read_jsonl(path), "line"
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataFormatError(path, line, None, "not valid UTF-8", "UTF-8 text") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(
+            path,
+            err.lineno,
+            None,
+            f"not valid JSON ({err.msg} at column {err.colno})",
+            "a JSON array of objects",
+        ) from None
+    rows = []
+    for number, row in enumerate(value, start=1):
+        if not isinstance(row, dict):
+            raise DataFormatError(path, number, None, _got(row), "a JSON object per row", unit="row")
+        rows.append((number, row))
+    if not rows:
+        raise DataFormatError(path, None, None, "the JSON array is empty", "a JSON array of objects")
+    return rows, "row"
+
+
+def _table_rows(path: PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """A Parquet/Arrow file or a saved ``datasets`` folder as ``(row number, row)``; null cells count as missing.
+
+    Read locally with pyarrow (Parquet; Arrow IPC stream or file format) and ``datasets.load_from_disk`` (folders),
+    both imported only here so the core works without them.
+    """
+    file = Path(path)
+    try:
+        if file.is_dir():
+            import datasets
+
+            loaded = datasets.load_from_disk(str(file))
+            if isinstance(loaded, datasets.DatasetDict):
+                splits = ", ".join(map(repr, loaded))
+                raise DataFormatError(
+                    path,
+                    None,
+                    None,
+                    f"a DatasetDict with splits {splits}",
+                    f"the folder of one split, e.g. {file / next(iter(loaded), 'train')}",
+                )
+            table_rows = loaded.to_list()
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            if file.suffix.lower() == ".parquet":
+                table = pq.read_table(file)
+            else:
+                with pa.memory_map(str(file)) as source:
+                    try:
+                        table = pa.ipc.open_stream(source).read_all()
+                    except pa.ArrowInvalid:
+                        source.seek(0)
+                        table = pa.ipc.open_file(source).read_all()
+            table_rows = table.to_pylist()
+    except ImportError as err:
+        raise DataFormatError(path, None, None, f"cannot read it: {err}", _INSTALL_HF) from None
+    except DataFormatError:
+        raise
+    except Exception as err:  # pyarrow/datasets errors on a damaged or foreign file
+        raise DataFormatError(
+            path, None, None, f"cannot read it ({type(err).__name__}: {err})", _EXPECTED_SOURCE
+        ) from None
+    if not table_rows:
+        raise DataFormatError(path, None, None, "the table has no rows", _EXPECTED_SOURCE)
+    return [
+        (number, {k: v for k, v in row.items() if v is not None})
+        for number, row in enumerate(table_rows, start=1)
+    ]
+
+
+def _read_any(path: PathLike) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    """``read_rows`` and the unit its numbers count (``"line"`` or ``"row"``)."""
+    file = Path(path)
+    suffix = file.suffix.lower()
+    if file.is_dir():
+        if not any((file / name).is_file() for name in _SAVED_DATASET_FILES):
+            raise DataFormatError(
+                path, None, None, "a folder without dataset_info.json or state.json", _EXPECTED_SOURCE
+            )
+        return _table_rows(path), "row"
+    if suffix in TABLE_SUFFIXES:
+        if not file.is_file():
+            raise DataFormatError(path, None, None, "file not found", _EXPECTED_SOURCE)
+        return _table_rows(path), "row"
+    if suffix == ".json" and file.is_file():
+        return _read_json(path)
+    return read_jsonl(path), "line"
+
+
+def read_rows(path: PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """Read any supported data source into ``(number, row)`` pairs, dispatching on the extension or folder.
+
+    ``.jsonl`` (and any other extension): :func:`read_jsonl`, numbered by line. ``.json``: a JSON array of objects
+    (numbered by row, 1-based) or JSON Lines. ``.parquet``/``.arrow`` files and folders written by ``datasets``'
+    ``Dataset.save_to_disk`` (with ``dataset_info.json``/``state.json``): numbered by row, 1-based; a null cell counts
+    as a missing field (tables give every row every column). Nothing is fetched; tables need the ``hf`` extra
+    (pyarrow, datasets), imported only when such a source is read. File-level problems raise DataFormatError.
+    """
+    return _read_any(path)[0]
+
+
 def load_rows(path: PathLike, parser: Callable[..., T], *, skip_bad: bool = False) -> LoadedRows[T]:
-    """Read ``path`` and parse every row with ``parser(row, path=..., line=...)``.
+    """Read ``path`` (any source :func:`read_rows` reads) and parse every row with ``parser(row, path=..., line=...)``.
+
+    Errors in rows of a table or JSON array say ``row <n>`` instead of ``line <n>``.
 
     With ``skip_bad=False`` the first bad row raises its DataFormatError. With ``skip_bad=True`` bad rows are
     skipped and counted (the first few errors kept), but file-level errors still raise, and so does a file in which
@@ -496,11 +634,15 @@ def load_rows(path: PathLike, parser: Callable[..., T], *, skip_bad: bool = Fals
     rows: list[T] = []
     skipped = 0
     errors: list[DataFormatError] = []
-    for number, row in read_jsonl(path):
+    source_rows, unit = _read_any(path)
+    for number, row in source_rows:
         try:
             rows.append(parser(row, path=path, line=number))
-        except DataFormatError as err:
+        except DataFormatError as error:
+            err = error.in_unit(unit)
             if not skip_bad:
+                if err is not error:
+                    raise err from None
                 raise
             skipped += 1
             if len(errors) < MAX_KEPT_ERRORS:
@@ -513,5 +655,6 @@ def load_rows(path: PathLike, parser: Callable[..., T], *, skip_bad: bool = Fals
             first.field,
             f"all {skipped} rows are bad; the first: {first.message}",
             first.expected,
+            first.unit,
         )
     return LoadedRows(rows, skipped, errors)
