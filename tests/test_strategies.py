@@ -7,12 +7,16 @@ valid arguments), so a typo fails here rather than at the start of a multi-GPU j
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from rlhf_lightning.cli import main
+from rlhf_lightning.stages.sft import SFTModule
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = sorted((REPO / "configs" / "strategies").glob("*.yaml"))
@@ -89,3 +93,67 @@ def test_trainer_flags_on_the_command_line_override_a_fragment(capsys: pytest.Ca
     out, err = capsys.readouterr()
     assert exc.value.code == 0, err
     assert yaml.safe_load(out)["trainer"]["num_nodes"] == 4
+
+
+# ----------------------------------------------------------------------------------------------- FSDP on CPU processes
+class FSDP2SFTModule(SFTModule):
+    """SFT with its network sharded by FSDP2 (``fully_shard``) for Lightning's ModelParallelStrategy: each block, then
+    the whole network (embeddings, final norm, LM head). The SFT loss calls ``hidden_states`` and ``lm_head`` rather
+    than ``forward``, so ``hidden_states`` is registered as a forward method (it gathers the root's parameters)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        super().configure_model()
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        register_fsdp_forward_method(self.model, "hidden_states")
+
+
+def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "rlhf_lightning.cli", *args]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
+
+
+@pytest.mark.slow
+def test_fsdp2_sft_on_two_cpu_processes_writes_a_checkpoint_generate_loads(tmp_path: Path) -> None:
+    """Lightning's FSDPStrategy refuses CPU (and torch's FSDP1 needs an accelerator), but FSDP2 through
+    ModelParallelStrategy runs on gloo: sft_tiny.yaml on 2 CPU processes, one full (unsharded) checkpoint file."""
+    import torch
+
+    (tmp_path / "data").symlink_to(REPO / "data")
+    _cli(
+        tmp_path,
+        "fit",
+        "--config",
+        str(STAGE),
+        "--model",
+        "test_strategies.FSDP2SFTModule",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+        "--trainer.strategy.data_parallel_size=2",
+        "--trainer.strategy.tensor_parallel_size=1",
+        "--trainer.strategy.save_distributed_checkpoint=false",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+    )
+    ckpt = tmp_path / "runs/tiny/sft/checkpoints/last.ckpt"
+    assert ckpt.is_file()  # one file, not a folder of shards
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    embedding = next(v for k, v in state.items() if k.endswith("wte.weight"))
+    assert embedding.shape == (
+        512,
+        64,
+    )  # the whole table (tiny preset, vocabulary 512), gathered from both ranks
+    replies = _cli(tmp_path, "generate", "--ckpt", str(ckpt), "--prompt", "Hi", "--max_new_tokens", "8")
+    assert replies.stdout.strip()
