@@ -6,7 +6,8 @@ the same global batch: with N processes each takes its 1/N of every batch's rows
 ``DistributedDataParallel`` over gloo (as Lightning's ``strategy: ddp`` does on CPU). The machine's cores are split
 evenly: ``torch.set_num_threads(cores // processes)``. Throughput is samples (conversations) per second of wall time
 between two barriers around the timed steps (after ``--warmup`` untimed steps); the scaling ratio is the N-process
-samples/s over the 1-process samples/s (N would be perfect scaling).
+samples/s over the 1-process samples/s (N would be perfect scaling). Each rank's loss is its own rows' token mean (DDP
+averages the ranks' gradients), so the last loss printed, rank 0's, is a sanity check, not the arms' shared loss.
 
     python benchmarks/scaling.py [--preset small --global-batch 16 --steps 10 --warmup 2 --processes 2]
 """
@@ -153,7 +154,7 @@ def main() -> None:
                 "seconds": round(timing["seconds"], 2),
                 "samples_per_sec": round(samples / timing["seconds"], 2),
                 "samples_per_sec_per_process": round(samples / timing["seconds"] / world, 2),
-                "final_loss": round(timing["final_loss"], 4),
+                "last_loss_rank0": round(timing["final_loss"], 4),  # rank 0's rows only: a sanity check
             }
     one, many = result["processes_1"], result[f"processes_{args.processes}"]
     result["scaling_ratio"] = round(many["samples_per_sec"] / one["samples_per_sec"], 2)
