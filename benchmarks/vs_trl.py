@@ -8,16 +8,31 @@ read the ratio only when the per-round ratios agree.
 
 * ``sft``: non-padding tokens per second of ``SFTModule`` (Lightning ``Trainer``, ``SFTDataModule``) vs TRL's
   ``SFTTrainer`` with ``assistant_only_loss=True``;
-* ``reward``: preference pairs per second of ``RewardModule`` (``PreferenceDataModule``) vs TRL's ``RewardTrainer``.
+* ``reward``: preference pairs per second of ``RewardModule`` (``PreferenceDataModule``) vs TRL's ``RewardTrainer``;
+* ``dpo``: preference pairs per second of ``DPOModule`` (sigmoid loss, ``--beta``, reference log-probs cached) vs
+  TRL's ``DPOTrainer`` (``loss_type=["sigmoid"]``, same beta). Both start from the folder's weights (ours through an
+  SFT-stage checkpoint of them). Ours caches each pair's reference log-probs the first time it sees the pair, which
+  in the first epoch is inside the step; TRL runs with ``precompute_ref_log_probs=False``, which also computes them
+  inside the step (precomputing would move that work out of TRL's timed window only);
+* ``grpo`` / ``rloo``: seconds per iteration of ``GRPOModule`` (``baseline: grpo`` / ``rloo``) vs TRL's
+  ``GRPOTrainer`` / ``RLOOTrainer``: ``--prompts`` prompts x ``--group-size`` replies (``num_generations``) of up to
+  ``--max-new-tokens`` (``max_completion_length``), sampled at temperature 1 with no top-k/top-p, scored by the rule
+  ``rlhf_lightning.reward_functions:brevity`` (TRL gets it wrapped in its reward-function signature), one optimizer
+  step over all replies per iteration (``steps_per_generation=1``, ``num_iterations=1``; ours ``epochs: 1``,
+  ``minibatch_size`` = all replies), KL to the reference as a loss term with weight ``--kl-coef`` for GRPO
+  (TRL ``beta``; TRL's ``loss_type="grpo"``, the per-reply mean ours uses) and in the reward with ``--rloo-kl-coef``
+  for RLOO (``kl_in_reward``; TRL's RLOO does the same). TRL 1.x has no prompt truncation, so only the HH prompts
+  whose templated form fits ``--max-prompt-length`` tokens are used, by both sides. The random model rarely emits
+  EOS, so replies run to the limit on both sides. Here the ratio is TRL's seconds / ours (> 1: ours is faster).
 
-RL (PPO/RLOO/GRPO) is not compared: TRL 1.x ships no PPO trainer (``PPOTrainer`` was removed; only the critic-free
-``GRPOTrainer`` / ``RLOOTrainer`` remain), and ``PPOModule`` is GAE PPO with a value model, so an iteration of one
-does different work from an iteration of the other.
+PPO is not compared: TRL 1.x ships no PPO trainer (``PPOTrainer`` was removed), and ``PPOModule`` is GAE PPO with a
+value model.
 
 Run ``pip install -c requirements/cpu.txt -e '.[bench]'`` first (TRL is an optional benchmark dependency, never a
 dependency of the package or its tests), then::
 
-    python benchmarks/vs_trl.py [--steps 20 --warmup 3 --rounds 3 --batch-size 8 --max-length 512 --only sft|reward]
+    python benchmarks/vs_trl.py [--steps 20 --warmup 3 --rounds 3 --batch-size 8 --max-length 512]
+        [--only sft reward dpo grpo rloo] [--prompts 4 --group-size 4 --max-new-tokens 32 --iterations 4]
 
 What is equal between the two sides:
 
