@@ -68,6 +68,10 @@ What differs (each framework's defaults, kept because they are what a user gets)
 * learning-rate schedule: ours warm-up + cosine, TRL linear decay (the same cost per step);
 * the reward head: ours reads a scalar head at the last real token of the causal-LM backbone's hidden states; TRL
   uses ``LlamaForSequenceClassification`` (scores every position, gathers the last non-pad one);
+* DPO: long pairs are dropped by ours (``truncation="drop"``) and cut to ``max_length`` by TRL's collator (few pairs
+  are that long at 512 tokens); TRL also computes per-step entropy and token accuracy for its logs;
+* GRPO/RLOO: ours samples with its own KV-cache loop, TRL with ``model.generate``; each side's loss and logging as
+  its defaults (TRL gathers completion-length, entropy and clip statistics every step);
 * SFT data order and truncation bookkeeping: ours drops conversations left with no assistant token after truncation;
   TRL keeps them. Both sides see different (random) batches, hence the padding fractions.
 """
