@@ -8,16 +8,31 @@ read the ratio only when the per-round ratios agree.
 
 * ``sft``: non-padding tokens per second of ``SFTModule`` (Lightning ``Trainer``, ``SFTDataModule``) vs TRL's
   ``SFTTrainer`` with ``assistant_only_loss=True``;
-* ``reward``: preference pairs per second of ``RewardModule`` (``PreferenceDataModule``) vs TRL's ``RewardTrainer``.
+* ``reward``: preference pairs per second of ``RewardModule`` (``PreferenceDataModule``) vs TRL's ``RewardTrainer``;
+* ``dpo``: preference pairs per second of ``DPOModule`` (sigmoid loss, ``--beta``, reference log-probs cached) vs
+  TRL's ``DPOTrainer`` (``loss_type=["sigmoid"]``, same beta). Both start from the folder's weights (ours through an
+  SFT-stage checkpoint of them). Ours caches each pair's reference log-probs the first time it sees the pair, which
+  in the first epoch is inside the step; TRL runs with ``precompute_ref_log_probs=False``, which also computes them
+  inside the step (precomputing would move that work out of TRL's timed window only);
+* ``grpo`` / ``rloo``: seconds per iteration of ``GRPOModule`` (``baseline: grpo`` / ``rloo``) vs TRL's
+  ``GRPOTrainer`` / ``RLOOTrainer``: ``--prompts`` prompts x ``--group-size`` replies (``num_generations``) of up to
+  ``--max-new-tokens`` (``max_completion_length``), sampled at temperature 1 with no top-k/top-p, scored by the rule
+  ``rlhf_lightning.reward_functions:brevity`` (TRL gets it wrapped in its reward-function signature), one optimizer
+  step over all replies per iteration (``steps_per_generation=1``, ``num_iterations=1``; ours ``epochs: 1``,
+  ``minibatch_size`` = all replies), KL to the reference as a loss term with weight ``--kl-coef`` for GRPO
+  (TRL ``beta``; TRL's ``loss_type="grpo"``, the per-reply mean ours uses) and in the reward with ``--rloo-kl-coef``
+  for RLOO (``kl_in_reward``; TRL's RLOO does the same). TRL 1.x has no prompt truncation, so only the HH prompts
+  whose templated form fits ``--max-prompt-length`` tokens are used, by both sides. The random model rarely emits
+  EOS, so replies run to the limit on both sides. Here the ratio is TRL's seconds / ours (> 1: ours is faster).
 
-RL (PPO/RLOO/GRPO) is not compared: TRL 1.x ships no PPO trainer (``PPOTrainer`` was removed; only the critic-free
-``GRPOTrainer`` / ``RLOOTrainer`` remain), and ``PPOModule`` is GAE PPO with a value model, so an iteration of one
-does different work from an iteration of the other.
+PPO is not compared: TRL 1.x ships no PPO trainer (``PPOTrainer`` was removed), and ``PPOModule`` is GAE PPO with a
+value model.
 
 Run ``pip install -c requirements/cpu.txt -e '.[bench]'`` first (TRL is an optional benchmark dependency, never a
 dependency of the package or its tests), then::
 
-    python benchmarks/vs_trl.py [--steps 20 --warmup 3 --rounds 3 --batch-size 8 --max-length 512 --only sft|reward]
+    python benchmarks/vs_trl.py [--steps 20 --warmup 3 --rounds 3 --batch-size 8 --max-length 512]
+        [--only sft reward dpo grpo rloo] [--prompts 4 --group-size 4 --max-new-tokens 32 --iterations 4]
 
 What is equal between the two sides:
 
@@ -53,6 +68,10 @@ What differs (each framework's defaults, kept because they are what a user gets)
 * learning-rate schedule: ours warm-up + cosine, TRL linear decay (the same cost per step);
 * the reward head: ours reads a scalar head at the last real token of the causal-LM backbone's hidden states; TRL
   uses ``LlamaForSequenceClassification`` (scores every position, gathers the last non-pad one);
+* DPO: long pairs are dropped by ours (``truncation="drop"``) and cut to ``max_length`` by TRL's collator (few pairs
+  are that long at 512 tokens); TRL also computes per-step entropy and token accuracy for its logs;
+* GRPO/RLOO: ours samples with its own KV-cache loop, TRL with ``model.generate``; each side's loss and logging as
+  its defaults (TRL gathers completion-length, entropy and clip statistics every step);
 * SFT data order and truncation bookkeeping: ours drops conversations left with no assistant token after truncation;
   TRL keeps them. Both sides see different (random) batches, hence the padding fractions.
 """
@@ -198,6 +217,20 @@ class _Window:
             "padding_fraction": round(1 - tokens / max(positions, 1), 4),
         }
 
+    def iteration_summary(self) -> dict[str, Any]:
+        """Seconds per timed iteration (RL rows: one iteration = one optimizer step on each side)."""
+        steps = len(self.ends) - self.warmup
+        if steps < 1:
+            raise RuntimeError(
+                f"only {len(self.ends)} iterations ran; expected more than warmup={self.warmup}"
+            )
+        seconds = self.ends[-1] - self.ends[self.warmup - 1]
+        return {
+            "timed_iterations": steps,
+            "seconds": round(seconds, 3),
+            "sec_per_iteration": round(seconds / steps, 4),
+        }
+
 
 def _lightning_timer(window: _Window):
     from lightning.pytorch import Callback
@@ -205,6 +238,16 @@ def _lightning_timer(window: _Window):
     class Timer(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             window.record_batch(batch.attention_mask, len(batch))
+            window.step_end()
+
+    return Timer()
+
+
+def _lightning_step_timer(window: _Window):
+    from lightning.pytorch import Callback
+
+    class Timer(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             window.step_end()
 
     return Timer()
@@ -305,6 +348,111 @@ def ours_reward(args: argparse.Namespace, folder: Path, root: str) -> dict[str, 
     return window.summary("pairs")  # len(PreferenceBatch) is its pair count (2x rows: chosen, rejected)
 
 
+def _policy_checkpoint(folder: Path, root: str) -> str:
+    """An SFT-stage checkpoint of the folder's weights (what DPO and GRPO start from: ``policy_from``)."""
+    import torch
+
+    from rlhf_lightning.models.factory import ModelArgs
+    from rlhf_lightning.stages.sft import SFTModule
+
+    path = Path(root) / "policy.ckpt"
+    if not path.exists():
+        sft = SFTModule(model=ModelArgs(hf_path=str(folder), dropout=0.0), tokenizer_path=str(folder))
+        sft.configure_model()
+        checkpoint = {"state_dict": sft.state_dict(), "hyper_parameters": dict(sft.hparams)}
+        sft.on_save_checkpoint(checkpoint)
+        torch.save(checkpoint, path)
+    return str(path)
+
+
+def ours_dpo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    from rlhf_lightning.data.preference import PreferenceDataModule
+    from rlhf_lightning.stages.dpo import DPOArgs, DPOModule
+
+    data = PreferenceDataModule(
+        train_path=str(DATA / "preference_train.jsonl"),
+        val_path=None,
+        val_fraction=0.0,
+        tokenizer_path=str(folder),
+        max_length=args.max_length,
+        truncation="drop",
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    module = DPOModule(
+        policy_from=_policy_checkpoint(folder, root),
+        dpo=DPOArgs(loss="sigmoid", beta=args.beta),
+        cache_ref_logprobs=True,
+        tokenizer_path=str(folder),
+    )
+    module.optimizer_factory = _adamw(args)
+    window = _Window(args.warmup)
+    _lightning_trainer(args, root, window).fit(module, datamodule=data)
+    return window.summary("pairs")
+
+
+def _ours_online(baseline: str, args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    from lightning.pytorch import Trainer
+
+    from rlhf_lightning.data.prompts import PromptDataModule
+    from rlhf_lightning.models.generation import GenerationArgs
+    from rlhf_lightning.stages.grpo import GRPOArgs, GRPOModule
+    from rlhf_lightning.stages.rewards import RewardArgs
+
+    replies = args.prompts * args.group_size
+    module = GRPOModule(
+        policy_from=_policy_checkpoint(folder, root),
+        tokenizer_path=str(folder),
+        grpo=GRPOArgs(
+            iterations=args.rl_warmup + args.iterations,
+            group_size=args.group_size,
+            baseline=baseline,
+            epochs=1,
+            minibatch_size=replies,  # one optimizer step per iteration, as TRL's steps_per_generation=1
+            kl_coef=args.kl_coef if baseline == "grpo" else args.rloo_kl_coef,
+            kl_in_reward=baseline == "rloo",
+        ),
+        rewards=RewardArgs(model_weight=0.0, functions=["rlhf_lightning.reward_functions:brevity"]),
+        generation=GenerationArgs(max_new_tokens=args.max_new_tokens),
+        sample_every_n=0,
+        seed=args.seed,
+    )
+    module.optimizer_factory = _adamw(args)
+    data = PromptDataModule(
+        train_path=str(Path(root) / "prompts.jsonl"),
+        val_fraction=0.0,
+        tokenizer_path=str(folder),
+        max_prompt_length=args.max_prompt_length,
+        batch_size=args.prompts,
+        seed=args.seed,
+    )
+    window = _Window(args.rl_warmup)
+    Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.rl_warmup + args.iterations,
+        max_epochs=-1,
+        precision="32-true",
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[_lightning_step_timer(window)],
+        default_root_dir=root,
+    ).fit(module, datamodule=data)
+    return window.iteration_summary()
+
+
+def ours_grpo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    return _ours_online("grpo", args, folder, root)
+
+
+def ours_rloo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    return _ours_online("rloo", args, folder, root)
+
+
 # ----------------------------------------------------------------------------------------------------- TRL side
 
 
@@ -382,10 +530,126 @@ def trl_reward(args: argparse.Namespace, folder: Path, root: str) -> dict[str, A
     return window.summary("pairs")
 
 
+def trl_dpo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    rows = _rows(DATA / "preference_train.jsonl")
+    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    # precompute_ref_log_probs=False: within the first epoch ours computes each pair's reference log-probs once (a
+    # cache miss) inside the step, and so does TRL without precomputing; precomputing would move that work out of
+    # the timed window for TRL only
+    config = DPOConfig(
+        **_trl_common(args, str(Path(root) / "trl_dpo")),
+        beta=args.beta,
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=False,
+    )
+    window = _Window(args.warmup)
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[_trl_timer(window)],
+    )
+    trainer.data_collator = _CountingCollator(trainer.data_collator, window)
+    trainer.train()
+    return window.summary("pairs")
+
+
+def _trl_brevity(completions: list[Any], **kwargs: Any) -> list[float]:
+    """TRL's reward-function signature around ``rlhf_lightning.reward_functions.brevity`` (the same rule)."""
+    from rlhf_lightning.reward_functions import brevity
+
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [brevity([], text, {}) for text in texts]
+
+
+def _trl_online(kind: str, args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    import trl
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dataset = Dataset.from_list(_rows(Path(root) / "prompts.jsonl"))
+    common = _trl_common(args, str(Path(root) / f"trl_{kind}"))
+    common.pop("max_length")
+    common.pop("train_sampling_strategy", None)
+    common.update(
+        per_device_train_batch_size=args.prompts * args.group_size,  # completions per step
+        max_steps=args.rl_warmup + args.iterations,
+        num_generations=args.group_size,
+        steps_per_generation=1,  # one generation batch, one optimizer step: an iteration of ours
+        num_iterations=1,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        logging_steps=10,
+    )
+    if kind == "grpo":
+        config = trl.GRPOConfig(**common, beta=args.kl_coef, loss_type="grpo", scale_rewards="group")
+        trainer_cls = trl.GRPOTrainer
+    else:
+        config = trl.RLOOConfig(**common, beta=args.rloo_kl_coef)
+        trainer_cls = trl.RLOOTrainer
+    window = _Window(args.rl_warmup)
+    trainer = trainer_cls(
+        model=str(folder),
+        reward_funcs=_trl_brevity,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[_trl_timer(window)],
+    )
+    trainer.train()
+    return window.iteration_summary()
+
+
+def trl_grpo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    return _trl_online("grpo", args, folder, root)
+
+
+def trl_rloo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    return _trl_online("rloo", args, folder, root)
+
+
 # --------------------------------------------------------------------------------------------------------- main
 
 
-def main() -> None:
+# row -> (ours, TRL, metric, higher is better); times (RL rows) give the ratio TRL / ours, so > 1 is still "ours faster"
+ROWS = {
+    "sft": (ours_sft, trl_sft, "tokens_per_sec", True),
+    "reward": (ours_reward, trl_reward, "pairs_per_sec", True),
+    "dpo": (ours_dpo, trl_dpo, "pairs_per_sec", True),
+    "grpo": (ours_grpo, trl_grpo, "sec_per_iteration", False),
+    "rloo": (ours_rloo, trl_rloo, "sec_per_iteration", False),
+}
+
+
+def write_prompts(folder: Path, path: Path, max_prompt_length: int) -> int:
+    """The HH prompts whose chat-templated form fits ``max_prompt_length`` tokens, as a JSONL file both sides read
+    (TRL 1.x has no prompt truncation; ours would left-truncate: equal inputs need the long ones left out)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    kept = [
+        r
+        for r in _rows(DATA / "prompts_train.jsonl")
+        if len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True))
+        <= max_prompt_length
+    ]
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({"prompt": r["prompt"]}) + "\n" for r in kept)
+    return len(kept)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -402,13 +666,35 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3, help="runs per side, alternating which goes first")
-    parser.add_argument("--only", choices=["sft", "reward"], default=None, help="run one comparison")
+    parser.add_argument("--only", choices=list(ROWS), nargs="+", default=None, help="run these comparisons")
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (sigmoid loss)")
+    parser.add_argument("--prompts", type=int, default=4, help="GRPO/RLOO: prompts per iteration")
+    parser.add_argument(
+        "--group-size", type=int, default=4, help="GRPO/RLOO: replies per prompt (num_generations)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="GRPO/RLOO: max_completion_length")
+    parser.add_argument(
+        "--max-prompt-length", type=int, default=192, help="GRPO/RLOO: longer prompts are left out"
+    )
+    parser.add_argument("--iterations", type=int, default=4, help="GRPO/RLOO: timed iterations per side")
+    parser.add_argument("--rl-warmup", type=int, default=1, help="GRPO/RLOO: untimed iterations first (>= 1)")
+    parser.add_argument("--kl-coef", type=float, default=0.04, help="GRPO: KL loss weight (TRL beta)")
+    parser.add_argument(
+        "--rloo-kl-coef", type=float, default=0.05, help="RLOO: KL-in-reward weight (TRL beta)"
+    )
     parser.add_argument(
         "--trl-group-by-length",
         action="store_true",
         help="TRL's SFT batches by length too (LengthGroupedSampler)",
     )
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
+    if args.rl_warmup < 1:
+        parser.error("--rl-warmup must be >= 1 (the window starts at the end of the last warm-up iteration)")
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the window starts at the end of the last warm-up step)")
     _require_trl()
@@ -427,12 +713,7 @@ def main() -> None:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
 
-    comparisons = {
-        "sft": (ours_sft, trl_sft, "tokens_per_sec"),
-        "reward": (ours_reward, trl_reward, "pairs_per_sec"),
-    }
-    if args.only:
-        comparisons = {args.only: comparisons[args.only]}
+    comparisons = {name: ROWS[name] for name in (args.only or ROWS)}
     result: dict[str, Any] = {
         "benchmark": "vs_trl",
         "device": "cpu",
@@ -451,6 +732,16 @@ def main() -> None:
         "timed_steps": args.steps,
         "rounds": args.rounds,
         "trl_sft_sampling": "group_by_length" if args.trl_group_by_length else "random",
+        "dpo": {"beta": args.beta, "loss": "sigmoid"},
+        "online": {
+            "prompts_per_iteration": args.prompts,
+            "group_size": args.group_size,
+            "max_new_tokens": args.max_new_tokens,
+            "max_prompt_length": args.max_prompt_length,
+            "warmup_iterations": args.rl_warmup,
+            "timed_iterations": args.iterations,
+            "reward": "rlhf_lightning.reward_functions:brevity",
+        },
     }
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_llama_folder(Path(tmp) / "llama", args)
@@ -458,7 +749,11 @@ def main() -> None:
         result["model"]["vocab"] = counted.config.vocab_size
         result["model"]["parameters"] = sum(p.numel() for p in counted.parameters())
         del counted
-        for name, (ours_fn, trl_fn, key) in comparisons.items():
+        if {"grpo", "rloo"} & set(comparisons):
+            result["online"]["prompts"] = write_prompts(
+                folder, Path(tmp) / "prompts.jsonl", args.max_prompt_length
+            )
+        for name, (ours_fn, trl_fn, key, higher) in comparisons.items():
             runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
             for r in range(args.rounds):  # alternate the order: a noisy neighbour hits both sides alike
                 order = [("ours", ours_fn), ("trl", trl_fn)]
@@ -468,8 +763,13 @@ def main() -> None:
                         sys.stderr
                     ):  # TRL prints its log dicts; stdout is the JSON
                         runs[side].append(fn(args, folder, tmp))
-            best = {side: max(rs, key=lambda x: x[key]) for side, rs in runs.items()}
+            pick = max if higher else min
+            best = {side: pick(rs, key=lambda x: x[key]) for side, rs in runs.items()}
             median = {side: statistics.median(x[key] for x in rs) for side, rs in runs.items()}
+
+            def ratio(ours: float, theirs: float, higher: bool = higher) -> float:
+                return round(ours / theirs if higher else theirs / ours, 3)
+
             result[name] = {
                 "metric": key,
                 "ours": {
@@ -482,9 +782,9 @@ def main() -> None:
                     f"median_{key}": median["trl"],
                     f"all_{key}": [x[key] for x in runs["trl"]],
                 },
-                "ratio_ours_over_trl": round(best["ours"][key] / best["trl"][key], 3),
-                "ratio_ours_over_trl_median": round(median["ours"] / median["trl"], 3),
-                "ratio_per_round": [round(o[key] / t[key], 3) for o, t in zip(runs["ours"], runs["trl"])],
+                "ratio_ours_over_trl": ratio(best["ours"][key], best["trl"][key]),
+                "ratio_ours_over_trl_median": ratio(median["ours"], median["trl"]),
+                "ratio_per_round": [ratio(o[key], t[key]) for o, t in zip(runs["ours"], runs["trl"])],
             }
     print(json.dumps(result, indent=2))
 

@@ -1,0 +1,28 @@
+"""The TRL comparison script's command line (no TRL needed: the script imports it only when it runs)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _vs_trl():
+    spec = importlib.util.spec_from_file_location("vs_trl", REPO / "benchmarks" / "vs_trl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vs_trl_parser_takes_the_rl_and_dpo_rows() -> None:
+    vs_trl = _vs_trl()
+    args = vs_trl.build_parser().parse_args(["--only", "dpo", "grpo", "rloo", "--group-size", "2"])
+    assert args.only == ["dpo", "grpo", "rloo"] and args.group_size == 2
+    assert set(vs_trl.ROWS) == {"sft", "reward", "dpo", "grpo", "rloo"}
+    # times (RL rows) are lower-is-better, so their ratio is TRL / ours: > 1 still means ours is faster
+    assert [name for name, row in vs_trl.ROWS.items() if not row[3]] == ["grpo", "rloo"]
+    with pytest.raises(SystemExit):
+        vs_trl.build_parser().parse_args(["--only", "ppo"])
