@@ -59,6 +59,7 @@ from rlhf_lightning.stages.checkpoints import SetupError, load_policy
 from rlhf_lightning.stages.reward import load_reward_model
 from rlhf_lightning.stages.rewards import load_reward_function
 from rlhf_lightning.stages.rollout import response_logprobs_of
+from rlhf_lightning.stages.sampling import ended_with_eos, response_texts
 from rlhf_lightning.stages.tokenizer_link import same_tokenizer
 
 __all__ = [
@@ -198,11 +199,8 @@ def _sample(model, tokenizer, rendered: list[list[int]], args: EvalArgs, referen
         )
         response, mask = gen.response_ids, gen.response_mask
         out.lengths += mask.sum(dim=1).tolist()
-        out.eos += (response == tokenizer.eos_id).logical_and(mask).any(dim=1).tolist()
-        out.texts += [
-            tokenizer.decode([t for t, keep in zip(ids, keep_row) if keep and t != tokenizer.eos_id])
-            for ids, keep_row in zip(response.tolist(), mask.tolist())
-        ]
+        out.eos += ended_with_eos(response, mask, tokenizer.eos_id).tolist()
+        out.texts += response_texts(tokenizer, response, mask)
         if reference is not None:
             sequences = torch.cat([batch.input_ids, response], dim=1)
             full_mask = torch.cat([batch.attention_mask, mask], dim=1)

@@ -532,7 +532,7 @@ def test_invalid_ppo_arguments_are_named(bad):
 
 def _normalised_policy_scores(module: PPOModule, batch, samples: int, seed: int) -> torch.Tensor:
     """Normalised reward-model scores of ``samples`` fresh policy replies that ended with EOS."""
-    from rlhf_lightning.stages.score_calibration import response_texts
+    from rlhf_lightning.stages.sampling import ended_with_eos, response_texts
 
     generator = torch.Generator().manual_seed(seed)
     scores = []
@@ -546,7 +546,7 @@ def _normalised_policy_scores(module: PPOModule, batch, samples: int, seed: int)
             pad_token_id=module.tokenizer.pad_id,
             generator=generator,
         )
-        ended = (out.response_ids == module.tokenizer.eos_id).logical_and(out.response_mask).any(1)
+        ended = ended_with_eos(out.response_ids, out.response_mask, module.tokenizer.eos_id)
         seq = torch.cat([batch.input_ids, out.response_ids], 1)
         seq_mask = torch.cat([batch.attention_mask, out.response_mask], 1)
         texts = response_texts(module.tokenizer, out.response_ids, out.response_mask)

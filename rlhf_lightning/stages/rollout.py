@@ -29,6 +29,7 @@ from rlhf_lightning.functional.logprobs import logprobs_from_logits
 from rlhf_lightning.functional.masked import masked_whiten
 from rlhf_lightning.models.generation import GenerationArgs, check_left_padded, generate
 from rlhf_lightning.stages.rewards import SequenceScorer
+from rlhf_lightning.stages.sampling import ended_with_eos, response_texts
 from rlhf_lightning.types import PromptBatch, Rollout
 
 
@@ -140,15 +141,12 @@ def sample_and_score(
     ref_logprobs = rows(lambda s, m: response_logprobs_of(reference, s, m, P, temperature))
 
     # 3. score what a user would see
-    ended_with_eos = (response == tokenizer.eos_id).logical_and(response_mask).any(dim=1)
-    texts = tuple(
-        tokenizer.decode([t for t, keep in zip(ids, keep_row) if keep and t != tokenizer.eos_id])
-        for ids, keep_row in zip(response.tolist(), response_mask.tolist())
-    )
+    ended = ended_with_eos(response, response_mask, tokenizer.eos_id)
+    texts = response_texts(tokenizer, response, response_mask)
     prompts = [row.get("prompt", []) for row in batch.rows] if batch.rows else [[] for _ in range(B)]
     extra_rows = list(batch.rows) if batch.rows else [{} for _ in range(B)]
     raw_scores = scorer.raw_scores(sequences, mask, prompts, texts, extra_rows, forward_batch_size)
-    scores = scorer.shape(raw_scores, ended_with_eos, update_running=update_running_stats)
+    scores = scorer.shape(raw_scores, ended, update_running=update_running_stats)
     scored = time.perf_counter()
 
     zeros = torch.zeros_like(logprobs)
@@ -165,7 +163,7 @@ def sample_and_score(
         rewards=zeros,
         advantages=zeros,
         returns=zeros,
-        ended_with_eos=ended_with_eos,
+        ended_with_eos=ended,
         texts=texts,
         prompts=tuple(tokenizer.decode(ids) for ids in query.tolist()),
     )

@@ -10,6 +10,19 @@ from rlhf_lightning.models.generation import GenerationArgs, generate
 from rlhf_lightning.types import Message
 
 
+def response_texts(tokenizer, response: torch.Tensor, response_mask: torch.Tensor) -> tuple[str, ...]:
+    """Decoded responses (B,) without padding and EOS: the text a user sees. response / response_mask (B, R)."""
+    return tuple(
+        tokenizer.decode([t for t, keep in zip(ids, keep_row) if keep and t != tokenizer.eos_id])
+        for ids, keep_row in zip(response.tolist(), response_mask.tolist())
+    )
+
+
+def ended_with_eos(response: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B,) bool: the response stopped at EOS instead of running to the length limit."""
+    return (response == eos_id).logical_and(response_mask).any(dim=1)
+
+
 def replies_for_ids(
     model: torch.nn.Module,
     tokenizer,
@@ -45,10 +58,7 @@ def replies_for_ids(
         )
     finally:
         model.train(was_training)
-    return [
-        tokenizer.decode([t for t, keep in zip(ids, mask) if keep and t != tokenizer.eos_id])
-        for ids, mask in zip(out.response_ids.tolist(), out.response_mask.tolist())
-    ]
+    return list(response_texts(tokenizer, out.response_ids, out.response_mask))
 
 
 def sample_replies(

@@ -31,6 +31,7 @@ from torch import nn
 from rlhf_lightning.distributed import all_reduce_sum, global_masked_moments
 from rlhf_lightning.models.generation import GenerationArgs, generate
 from rlhf_lightning.stages.rewards import SequenceScorer
+from rlhf_lightning.stages.sampling import ended_with_eos, response_texts
 from rlhf_lightning.types import PromptBatch
 
 
@@ -65,14 +66,6 @@ class CalibrationChunk:
     texts: tuple[str, ...]
     rows: list[dict]
     ended_with_eos: torch.Tensor
-
-
-def response_texts(tokenizer, response: torch.Tensor, response_mask: torch.Tensor) -> tuple[str, ...]:
-    """Decoded responses (B,) without padding and EOS: the text a user sees."""
-    return tuple(
-        tokenizer.decode([t for t, keep in zip(ids, keep_row) if keep and t != tokenizer.eos_id])
-        for ids, keep_row in zip(response.tolist(), response_mask.tolist())
-    )
 
 
 @torch.no_grad()
@@ -117,7 +110,7 @@ def measure_score_stats(
         texts = response_texts(tokenizer, out.response_ids, out.response_mask)
         messages = [prompts.rows[r].get("prompt", []) if prompts.rows else [] for r in rows]
         all_scores.append(scorer.model_scores(sequences, sequence_mask, messages, texts))
-        all_eos.append((out.response_ids == tokenizer.eos_id).logical_and(out.response_mask).any(dim=1))
+        all_eos.append(ended_with_eos(out.response_ids, out.response_mask, tokenizer.eos_id))
         if keep is not None:
             extra = [dict(prompts.rows[r]) if prompts.rows else {} for r in rows]
             keep.append(
@@ -177,4 +170,4 @@ def fit_value_head(
     return before, after
 
 
-__all__ = ["CalibrationChunk", "ScoreStats", "fit_value_head", "measure_score_stats", "response_texts"]
+__all__ = ["CalibrationChunk", "ScoreStats", "fit_value_head", "measure_score_stats"]
