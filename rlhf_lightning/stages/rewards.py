@@ -144,11 +144,15 @@ class SequenceScorer:
         responses: Sequence[str],
         rows: Sequence[dict[str, Any]],
         forward_batch_size: int | None = None,
+        model_scores: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Weighted sum of the sources before clipping and penalties. sequences/sequence_mask (B, T) -> (B,)."""
+        """Weighted sum of the sources before clipping and penalties. sequences/sequence_mask (B, T) -> (B,).
+        ``model_scores`` (B,): the reward model's raw scores of these sequences when already computed."""
         total = torch.zeros(sequences.shape[0], device=sequences.device)
         if self.args.model_weight != 0:
-            scores = self.model_scores(sequences, sequence_mask, prompts, responses, forward_batch_size)
+            scores = model_scores
+            if scores is None:
+                scores = self.model_scores(sequences, sequence_mask, prompts, responses, forward_batch_size)
             if self.args.normalize:
                 scores = self.reward_model.normalize(scores)
             total += self.args.model_weight * scores

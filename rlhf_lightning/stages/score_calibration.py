@@ -57,7 +57,8 @@ class ScoreStats:
 @dataclass(frozen=True)
 class CalibrationChunk:
     """Reference-policy replies sampled for the calibration: sequences / sequence_mask (B, P + R), the prompt
-    length P, the prompt messages, decoded texts and rows (what reward functions read), ended_with_eos (B,)."""
+    length P, the prompt messages, decoded texts and rows (what reward functions read), ended_with_eos (B,) and the
+    reward model's raw scores (B,)."""
 
     sequences: torch.Tensor
     sequence_mask: torch.Tensor
@@ -66,6 +67,7 @@ class CalibrationChunk:
     texts: tuple[str, ...]
     rows: list[dict]
     ended_with_eos: torch.Tensor
+    model_scores: torch.Tensor
 
 
 @torch.no_grad()
@@ -114,7 +116,16 @@ def measure_score_stats(
         if keep is not None:
             extra = [dict(prompts.rows[r]) if prompts.rows else {} for r in rows]
             keep.append(
-                CalibrationChunk(sequences, sequence_mask, ids.shape[1], messages, texts, extra, all_eos[-1])
+                CalibrationChunk(
+                    sequences,
+                    sequence_mask,
+                    ids.shape[1],
+                    messages,
+                    texts,
+                    extra,
+                    all_eos[-1],
+                    all_scores[-1],
+                )
             )
         done += len(rows)
     scores, ended = torch.cat(all_scores), torch.cat(all_eos)
@@ -145,7 +156,9 @@ def fit_value_head(
 
     sums = torch.zeros(6, dtype=torch.float64)  # n, x, y, xx, xy, yy
     for c in chunks:
-        raw = scorer.raw_scores(c.sequences, c.sequence_mask, c.messages, c.texts, c.rows)
+        raw = scorer.raw_scores(  # the reward model's scores of these replies are known: no second forward
+            c.sequences, c.sequence_mask, c.messages, c.texts, c.rows, model_scores=c.model_scores
+        )
         target = scorer.shape(raw, c.ended_with_eos, update_running=False)  # (B,)
         values = response_values(value_model, c.sequences, c.sequence_mask, c.prompt_len)  # (B, R)
         valid = c.sequence_mask[:, c.prompt_len :]
