@@ -326,12 +326,11 @@ def ours_sft(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any
     return window.summary("sequences")
 
 
-def ours_reward(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+def _preference_data(args: argparse.Namespace, folder: Path):
+    """The shipped training pairs, as the reward and DPO rows both read them (too-long pairs dropped)."""
     from rlhf_lightning.data.preference import PreferenceDataModule
-    from rlhf_lightning.models.factory import ModelArgs
-    from rlhf_lightning.stages.reward import RewardModule
 
-    data = PreferenceDataModule(
+    return PreferenceDataModule(
         train_path=str(DATA / "preference_train.jsonl"),
         val_path=None,
         val_fraction=0.0,
@@ -341,6 +340,13 @@ def ours_reward(args: argparse.Namespace, folder: Path, root: str) -> dict[str, 
         batch_size=args.batch_size,
         seed=args.seed,
     )
+
+
+def ours_reward(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    from rlhf_lightning.models.factory import ModelArgs
+    from rlhf_lightning.stages.reward import RewardModule
+
+    data = _preference_data(args, folder)
     module = RewardModule(model=ModelArgs(hf_path=str(folder), dropout=0.0), tokenizer_path=str(folder))
     module.optimizer_factory = _adamw(args)
     window = _Window(args.warmup)
@@ -366,19 +372,9 @@ def _policy_checkpoint(folder: Path, root: str) -> str:
 
 
 def ours_dpo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
-    from rlhf_lightning.data.preference import PreferenceDataModule
     from rlhf_lightning.stages.dpo import DPOArgs, DPOModule
 
-    data = PreferenceDataModule(
-        train_path=str(DATA / "preference_train.jsonl"),
-        val_path=None,
-        val_fraction=0.0,
-        tokenizer_path=str(folder),
-        max_length=args.max_length,
-        truncation="drop",
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
+    data = _preference_data(args, folder)
     module = DPOModule(
         policy_from=_policy_checkpoint(folder, root),
         dpo=DPOArgs(loss="sigmoid", beta=args.beta),
