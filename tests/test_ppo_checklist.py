@@ -530,8 +530,10 @@ def test_invalid_ppo_arguments_are_named(bad):
 # -------------------------------------------------------------------------------------------- reward normalisation
 
 
-def _normalised_policy_scores(module: PPOModule, batch, samples: int, seed: int) -> torch.Tensor:
-    """Normalised reward-model scores of ``samples`` fresh policy replies that ended with EOS."""
+def _normalised_policy_scores(
+    module: PPOModule, batch, samples: int, seed: int, eos_only: bool = True
+) -> torch.Tensor:
+    """Normalised reward-model scores of ``samples`` fresh policy replies (those that ended with EOS: ``eos_only``)."""
     from rlhf_lightning.stages.sampling import ended_with_eos, response_texts
 
     generator = torch.Generator().manual_seed(seed)
@@ -551,7 +553,7 @@ def _normalised_policy_scores(module: PPOModule, batch, samples: int, seed: int)
         seq_mask = torch.cat([batch.attention_mask, out.response_mask], 1)
         texts = response_texts(module.tokenizer, out.response_ids, out.response_mask)
         raw = module.scorer.model_scores(seq, seq_mask, [r["prompt"] for r in batch.rows], texts)
-        scores.append(module.reward_model.normalize(raw)[ended])
+        scores.append(module.reward_model.normalize(raw)[ended if eos_only else slice(None)])
     return torch.cat(scores)
 
 
@@ -573,6 +575,27 @@ def test_reward_normalisation_is_measured_on_the_sft_policys_own_replies(
     stats = module.calibrate_scores(prompt_batch)
     assert 2 <= stats.samples < 256  # replies without EOS are not counted
     after = _normalised_policy_scores(module, prompt_batch, 256, seed=11)
+    assert abs(float(after.mean())) < 0.2
+    assert 0.8 < float(after.std()) < 1.25
+
+
+def test_without_a_missing_eos_score_calibration_counts_every_reply(
+    sft_checkpoint, reward_checkpoint, tiny_tokenizer, prompt_batch
+):
+    """``missing_eos_score: null`` (replies cut by the token budget keep their model score): every reply's score is
+    used in PPO, so all of them enter the statistics, and all fresh replies score mean ~0 and std ~1. Counting only
+    the few that ended with EOS left the tiny pipeline's normalised scores at ~+3.8."""
+    module = _mixed_lengths(
+        _ppo(
+            sft_checkpoint,
+            reward_checkpoint,
+            tiny_tokenizer.source,
+            rewards=RewardArgs(calibration_samples=256, missing_eos_score=None),
+        )
+    )
+    stats = module.calibrate_scores(prompt_batch)
+    assert stats.samples == 256 and stats.eos_fraction < 1
+    after = _normalised_policy_scores(module, prompt_batch, 256, seed=11, eos_only=False)
     assert abs(float(after.mean())) < 0.2
     assert 0.8 < float(after.std()) < 1.25
 

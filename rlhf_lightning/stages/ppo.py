@@ -346,6 +346,7 @@ class PPOModule(LightningModule):
             forward_batch_size=self.ppo.forward_batch_size or 32,
             start=rank * share,
             keep=chunks,
+            eos_only=self.rewards.missing_eos_score is not None,
         )
         self.reward_model.set_score_stats(stats.mean, stats.std)
         self.score_stats = stats

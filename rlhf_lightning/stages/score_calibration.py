@@ -82,9 +82,12 @@ def measure_score_stats(
     forward_batch_size: int | None = None,
     start: int = 0,
     keep: list[CalibrationChunk] | None = None,
+    eos_only: bool = True,
 ) -> ScoreStats:
     """Sample ``samples`` replies from ``reference`` (cycling over the rows of ``prompts``, left-padded, from row
-    ``start``) and return the mean and std of the reward model's raw scores on those that ended with EOS.
+    ``start``) and return the mean and std of the reward model's raw scores on those that ended with EOS
+    (``eos_only``: the others get the fixed missing-EOS score in PPO, so their model score is never used), or on every
+    reply (``eos_only=False``: no missing-EOS score is set, and every reply is scored by the model).
 
     A collective under several data-parallel ranks: each rank passes its own share of ``samples`` (and its own
     ``generator`` and ``start``), and the statistics returned are those of the replies of every rank. ``keep``
@@ -130,7 +133,7 @@ def measure_score_stats(
         done += len(rows)
     scores, ended = torch.cat(all_scores), torch.cat(all_eos)
     total, ended_total = all_reduce_sum(torch.tensor([float(len(scores)), float(ended.sum())])).tolist()
-    counted = ended if ended_total >= 2 else torch.ones_like(ended)
+    counted = ended if eos_only and ended_total >= 2 else torch.ones_like(ended)
     mean, var, count = global_masked_moments(scores.double(), counted)
     return ScoreStats(
         mean=float(mean),
