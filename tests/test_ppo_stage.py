@@ -198,3 +198,28 @@ def test_resume_continues_as_if_uninterrupted(sft_checkpoint, tiny_tokenizer, tm
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert json.dumps(straight.kl_controller.state_dict()) == json.dumps(resumed.kl_controller.state_dict())
+
+
+def test_rollout_explained_variance_is_the_critics_fit_on_the_fresh_rollout():
+    """``rollout/explained_variance``: rollout-time values against returns over valid tokens only (padding ignored),
+    1 for a perfect critic, 0 for a constant one at the mean, negative for a worse one, 0 when returns are flat."""
+    from types import SimpleNamespace
+
+    from rlhf_lightning.stages.ppo_metrics import rollout_explained_variance
+
+    returns = torch.tensor([[1.0, 2.0, 99.0], [3.0, 4.0, 5.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    valid = returns[mask]
+
+    def ev(values):
+        return float(
+            rollout_explained_variance(SimpleNamespace(returns=returns, values=values, response_mask=mask))
+        )
+
+    assert ev(returns.clone()) == pytest.approx(1.0)
+    assert ev(torch.full_like(returns, float(valid.mean()))) == pytest.approx(0.0, abs=1e-6)
+    noisy = returns + torch.tensor([[1.0, -1.0, 500.0], [1.0, -1.0, 1.0]])
+    expected = 1 - float((valid - noisy[mask]).var()) / float(valid.var())
+    assert ev(noisy) == pytest.approx(expected, rel=1e-5)
+    flat = SimpleNamespace(returns=torch.ones(2, 3), values=torch.zeros(2, 3), response_mask=mask)
+    assert float(rollout_explained_variance(flat)) == 0.0

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rlhf_lightning.distributed import global_masked_moments
 from rlhf_lightning.functional.kl import kl_k1, kl_k3
 from rlhf_lightning.functional.masked import masked_mean, masked_sum, masked_var
 from rlhf_lightning.types import Rollout
@@ -29,6 +30,20 @@ SAMPLE_COLUMNS = ["iteration", "prompt", "response", "score", "kl", "length"]
 def sequence_kl(estimator: Callable[[Tensor, Tensor], Tensor], rollout: Rollout) -> Tensor:
     """Per-sequence KL (B,) to the reference: ``estimator`` (k1, k3) summed over valid response tokens only."""
     return masked_sum(estimator(rollout.logprobs, rollout.ref_logprobs), rollout.response_mask, dim=1)
+
+
+def rollout_explained_variance(rollout: Rollout) -> Tensor:
+    """``1 - Var(returns - values) / Var(returns)`` over every valid response token of the rollout, on all ranks.
+
+    The critic's values as the rollout recorded them (before this iteration's update) against the returns they were
+    meant to predict, on data the critic has not trained on: the explained variance Stable-Baselines3 and CleanRL
+    report. ``ppo/explained_variance`` is the per-minibatch figure during the update (a few sequences each, so noisy
+    and, after the first epoch, measured on data the critic has just fitted). 0 when the returns do not vary."""
+    _, var_returns, _ = global_masked_moments(rollout.returns, rollout.response_mask)
+    _, var_residual, _ = global_masked_moments(rollout.returns - rollout.values, rollout.response_mask)
+    if float(var_returns) <= 1e-12:
+        return torch.zeros((), dtype=rollout.returns.dtype, device=rollout.returns.device)
+    return 1.0 - var_residual / var_returns
 
 
 def iteration_metrics(
@@ -53,6 +68,7 @@ def iteration_metrics(
         "rollout/advantage_raw_std": masked_var(rollout.returns - rollout.values, mask).sqrt(),
         "rollout/return_mean": masked_mean(rollout.returns, mask),
         "rollout/value_mean": masked_mean(rollout.values, mask),
+        "rollout/explained_variance": rollout_explained_variance(rollout),
         "ppo/kl_beta": torch.tensor(kl_beta),
         "time/generation": torch.tensor(timings.generation),
         "time/scoring": torch.tensor(timings.scoring),
