@@ -113,6 +113,40 @@ def test_reward_model_reloads_without_missing_weights(chain):
         torch.testing.assert_close(model(ids, mask), trained(ids, mask))
 
 
+def test_reward_model_with_merge_lora_trains_every_weight_of_the_sft_model(chain, tmp_path):
+    """``merge_lora``: the SFT adapter is folded in (same scores before training), then every weight trains (full
+    fine-tuning, the reward-model recipe), and the checkpoint reloads as a plain model with no adapter."""
+    data = PreferenceDataModule(
+        train_path=str(DATA / "preference_train.jsonl"),
+        val_path=None,
+        tokenizer_path=str(chain["llama"]),
+        max_length=96,
+        batch_size=4,
+    )
+    kept = RewardModule(init_from=chain["llama_sft"])
+    merged = RewardModule(init_from=chain["llama_sft"], merge_lora=True)
+    kept.configure_model(), merged.configure_model()
+    merged.reward_model.head.load_state_dict(kept.reward_model.head.state_dict())
+    ids = torch.randint(3, 100, (2, 12))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.reward_model.eval()(ids, mask), kept.reward_model.eval()(ids, mask))
+    assert not merged.reward_model.backbone.is_lora
+    before = {k: v.clone() for k, v in merged.reward_model.state_dict().items()}
+    merged.optimizer_factory = lambda params: torch.optim.AdamW(params, lr=1e-3)
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(merged, datamodule=data)
+    after = merged.reward_model.state_dict()
+    assert not any("lora_" in k for k in after)
+    trained = [k for k in before if k.endswith(("q_proj.weight", "mlp.down_proj.weight"))]
+    assert trained and all(not torch.equal(before[k], after[k]) for k in trained)
+    path = tmp_path / "merged_reward.ckpt"
+    trainer.save_checkpoint(path)
+    model, _ = load_reward_model(str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask), merged.reward_model.eval()(ids, mask))
+
+
 def _prompts(folder: Path, batch_size: int = 4) -> PromptDataModule:
     return PromptDataModule(
         train_path=str(DATA / "prompts_train.jsonl"),

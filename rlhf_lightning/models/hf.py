@@ -217,8 +217,9 @@ class HFCausalLM(nn.Module):
         with self.net.disable_adapter():
             yield
 
-    def merge_adapter(self) -> None:
-        """Fold the trained adapter into the base weights and start a fresh adapter with the same settings.
+    def merge_adapter(self, fresh: bool = True) -> None:
+        """Fold the trained adapter into the base weights and start a fresh adapter with the same settings
+        (``fresh=False``: no new adapter; the module is then a plain model whose every weight trains).
 
         The module computes the same function (up to the rounding of ``W + B A * alpha / r``), its parameter names
         are unchanged (a state dict saved afterwards loads into :meth:`from_spec`'s rebuild), and the fresh adapter's
@@ -228,7 +229,12 @@ class HFCausalLM(nn.Module):
         if self.lora_args is None:
             raise RuntimeError("merge_adapter() needs a LoRA model")
         training = self.net.training
-        self.net = _with_adapter(self.net.merge_and_unload(), self.lora_args)
+        merged = self.net.merge_and_unload()
+        if fresh:
+            self.net = _with_adapter(merged, self.lora_args)
+        else:
+            self.net, self.lora_args = merged, None
+            self.net.requires_grad_(True)
         self.net.train(training)
 
     # ----------------------------------------------------------------------------------------------- compute

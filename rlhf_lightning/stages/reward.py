@@ -80,6 +80,9 @@ class RewardModule(LightningModule):
         scheduler: learning-rate schedule factory, stepped every optimizer step.
         worst_pairs: validation pairs with the largest ``r_rejected - r_chosen`` logged as a table at each
             validation end (0 = none).
+        merge_lora: when ``init_from`` is a LoRA model, fold its adapter into the weights and train every weight
+            (the usual recipe for a reward model from a pretrained model: full fine-tuning at ~1e-5; Ouyang et al.
+            2022, Touvron et al. 2023). False keeps training the SFT adapter with the base frozen.
     """
 
     def __init__(
@@ -90,12 +93,14 @@ class RewardModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable = WarmupCosineLR,
         worst_pairs: int = 8,
+        merge_lora: bool = False,
     ) -> None:
         super().__init__()
         if worst_pairs < 0:
             raise ValueError(f"worst_pairs={worst_pairs}; expected 0 (off) or a positive count")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.worst_pairs = worst_pairs
+        self.merge_lora = merge_lora
         self._worst: list[tuple[float, float, float, list[int], list[int]]] = []
         self.init_from = init_from
         self.model_args = model
@@ -126,6 +131,8 @@ class RewardModule(LightningModule):
             if payload["stage"] == "reward":  # continue from a reward model: keep its head and statistics too
                 prefix = payload.get("reward_prefix", PREFIX)
                 self.reward_model.load_state_dict(submodule_state(checkpoint["state_dict"], prefix))
+            if self.merge_lora and getattr(backbone, "is_lora", False):
+                backbone.merge_adapter(fresh=False)  # the same function, every weight now trainable
         elif self.tokenizer is not None:
             self.reward_model = RewardModel(build_model(self.model_args, self.tokenizer.vocab_size))
 
