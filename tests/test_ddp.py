@@ -19,7 +19,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlhf_lightning.distributed import (
-    all_gather_tensors,
     all_reduce_sum,
     average_gradients,
     global_masked_moments,
@@ -29,7 +28,7 @@ from rlhf_lightning.distributed import (
 from rlhf_lightning.functional.advantages import RunningMoments
 from rlhf_lightning.functional.kl import AdaptiveKLController, kl_k1
 from rlhf_lightning.functional.masked import masked_sum
-from rlhf_lightning.stages.ppo import PPOModule, rank_seed
+from rlhf_lightning.stages.online import generator_payload, rank_seed, restore_generator
 from rlhf_lightning.stages.rollout import rewards_and_advantages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,37 +100,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _rank_main(rank: int, port: int, out: str, compute) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        part = {k: v[rank * B : (rank + 1) * B] for k, v in _batch().items()}
-        result = _statistics(part)
-        result["token_mean_grad"] = _token_mean_gradient(part["mask"])
-        # per-rank generators: seeded apart, gathered as on_save_checkpoint gathers them, restored as on load
-        generator = torch.Generator().manual_seed(rank_seed(0, rank))
-        torch.rand(3, generator=generator)
-        payload = {"generator_states": all_gather_tensors(generator.get_state())}
-        payload["generator_state"] = payload["generator_states"][0]
-        before = torch.rand(4, generator=generator)
-        holder = type("Holder", (), {})()
-        holder.generator, holder._generator_seeded = torch.Generator(), False
-        PPOModule._restore_generator(holder, payload)
-        after = torch.rand(4, generator=holder.generator)
-        PPOModule._restore_generator(
-            holder, {"generator_state": payload["generator_state"]}
-        )  # older checkpoint
-        legacy = torch.rand(4, generator=holder.generator)
-        result.update(before=before, after=after, legacy=legacy)
-        torch.save(result, f"{out}/rank{rank}.pt")
+        torch.save(compute(rank), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+def run_on_two_ranks(compute, out: Path) -> list[dict[str, torch.Tensor]]:
+    """``compute(rank) -> {name: tensor}`` in 2 spawned gloo processes (``compute``: a module-level function, so it
+    pickles), saved under ``out``; the results in rank order."""
+    mp.spawn(_rank_main, args=(_free_port(), str(out), compute), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def _on_rank(rank: int) -> dict[str, torch.Tensor]:
+    part = {k: v[rank * B : (rank + 1) * B] for k, v in _batch().items()}
+    result = _statistics(part)
+    result["token_mean_grad"] = _token_mean_gradient(part["mask"])
+    # per-rank generators: seeded apart, gathered as on_save_checkpoint gathers them, restored as on load
+    generator = torch.Generator().manual_seed(rank_seed(0, rank))
+    torch.rand(3, generator=generator)
+    payload = generator_payload(generator)
+    before = torch.rand(4, generator=generator)
+    restored = torch.Generator()
+    restore_generator(restored, payload)
+    after = torch.rand(4, generator=restored)
+    restore_generator(restored, {"generator_state": payload["generator_state"]})  # older checkpoint
+    legacy = torch.rand(4, generator=restored)
+    result.update(before=before, after=after, legacy=legacy)
+    return result
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return run_on_two_ranks(_on_rank, tmp_path_factory.mktemp("ddp"))
 
 
 def test_two_ranks_of_batch_b_give_the_statistics_of_one_rank_of_batch_2b(two_ranks):

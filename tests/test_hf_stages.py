@@ -3,7 +3,7 @@
 One module-scoped chain: SFT a GPT-2 (all weights) and a Llama with LoRA, a reward model from the Llama SFT
 checkpoint, then PPO with the GPT-2 policy scored by the Llama reward model (different tokenizers) and PPO with the
 LoRA Llama policy, whose SFT adapter is merged and whose reference is the SFT model (the fresh PPO adapter
-disabled).
+disabled). DPO and GRPO from the same LoRA SFT checkpoint get the same reference (``policy_and_reference``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from rlhf_lightning.export import export_checkpoint
 from rlhf_lightning.models.factory import LoRAArgs, ModelArgs
 from rlhf_lightning.models.generation import GenerationArgs
 from rlhf_lightning.stages.checkpoints import load_backbone
+from rlhf_lightning.stages.dpo import DPOModule, pair_response_mask, sequence_logprobs
+from rlhf_lightning.stages.grpo import GRPOArgs, GRPOModule, row_weights
 from rlhf_lightning.stages.ppo import PPOArgs, PPOModule
 from rlhf_lightning.stages.reward import RewardModule, load_reward_model
 from rlhf_lightning.stages.rewards import RewardArgs
@@ -261,3 +263,113 @@ def test_ppo_with_lora_policy_uses_the_sft_model_as_reference(chain, tmp_path):
     with torch.no_grad():
         theirs = hf(input_ids=ids, attention_mask=ids_mask.long()).logits
     torch.testing.assert_close(theirs[ids_mask], expected[ids_mask], atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- DPO and GRPO with LoRA
+def _lora_sft_model(chain) -> torch.nn.Module:
+    model, _, _ = load_backbone(chain["llama_sft"])
+    return model.eval()
+
+
+def _assert_no_second_copy(module, sft_model) -> None:
+    """The reference reads the policy's own parameters: no ``reference.`` weights, no more parameters than SFT's."""
+    assert module.reference.policy is module.policy
+    assert not any(n.startswith("reference.") for n, _ in module.named_parameters())
+    assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in sft_model.parameters())
+
+
+def test_dpo_with_a_lora_sft_checkpoint_starts_at_the_sft_model_and_keeps_it_as_reference(chain):
+    """Step 0: policy and reference log-probs are equal (implicit rewards 0, loss log 2); the reference is the SFT
+    model (adapter merged), not the base; after an optimizer step the policy moved and the reference did not."""
+    sft_model = _lora_sft_model(chain)
+    module = DPOModule(
+        policy_from=chain["llama_sft"], tokenizer_path=str(chain["llama"]), cache_ref_logprobs=False
+    )
+    module.optimizer_factory = lambda groups: torch.optim.AdamW(groups, lr=1e-2)
+    data = PreferenceDataModule(
+        train_path=str(DATA / "preference_train.jsonl"),
+        val_path=None,
+        tokenizer_path=str(chain["llama"]),
+        max_length=96,
+        batch_size=4,
+    )
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    module.configure_model()
+    _assert_no_second_copy(module, sft_model)
+
+    mask = pair_response_mask(batch)
+    ids, attention = batch.input_ids, batch.attention_mask
+
+    def logprobs(model) -> torch.Tensor:
+        with torch.no_grad():
+            return sequence_logprobs(model, ids, attention, mask)
+
+    module.policy.train()  # as in the training step (dropout off, gradient checkpointing on)
+    policy, reference = logprobs(module.policy), logprobs(module.reference)
+    assert torch.equal(policy, reference)
+    loss, stats = module.loss(batch)
+    assert stats["reward_chosen"].item() == 0.0 and stats["reward_rejected"].item() == 0.0
+    assert loss.item() == -torch.nn.functional.logsigmoid(torch.zeros(())).item()  # log 2, sigmoid DPO
+    torch.testing.assert_close(reference, logprobs(sft_model), atol=1e-4, rtol=1e-5)
+    with sft_model.adapter_disabled():
+        assert (
+            reference - logprobs(sft_model)
+        ).abs().max() > 1e-3  # the folder's base model is not the reference
+
+    trainer = _trainer(chain["root"], max_steps=1)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 1
+    assert (logprobs(module.policy) - policy).abs().max() > 1e-4  # the fresh adapter trained
+    assert torch.equal(logprobs(module.reference), reference)  # the reference did not move
+
+
+def test_grpo_with_a_lora_sft_checkpoint_has_zero_kl_at_the_first_minibatch(chain):
+    """GRPO's reference is the SFT model with no second copy: KL exactly 0 and ratio 1 at the first minibatch, and
+    the reference's log-probs unchanged by an iteration that moved the policy."""
+    sft_model = _lora_sft_model(chain)
+    module = GRPOModule(
+        policy_from=chain["llama_sft"],
+        tokenizer_path=str(chain["llama"]),
+        grpo=GRPOArgs(iterations=1, group_size=4, minibatch_size=8, kl_coef=0.1),
+        rewards=RewardArgs(  # replies without EOS keep their own score: the groups carry a signal
+            model_weight=0.0,
+            functions=["rlhf_lightning.reward_functions:brevity"],
+            clip=None,
+            missing_eos_score=None,
+        ),
+        generation=GenerationArgs(max_new_tokens=8),
+        sample_every_n=0,
+    )
+    module.optimizer_factory = lambda params: torch.optim.AdamW(params, lr=1e-2)
+    data = _prompts(chain["llama"], batch_size=2)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    module.configure_model()
+    _assert_no_second_copy(module, sft_model)
+
+    module.generator.manual_seed(0)
+    rollout, _ = module._rollout(batch)
+    assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
+    module.policy.train()
+    rows = torch.arange(len(rollout))
+    weights = row_weights(rollout.response_mask, module.grpo.aggregation, 8)
+    _, stats = module.loss(rollout, rows, weights)
+    assert (
+        stats["kl"].item() == 0.0 and stats["ratio_max"].item() == 1.0 and stats["ratio_mean"].item() == 1.0
+    )
+    P, m = rollout.query_ids.shape[1], rollout.response_mask
+    with torch.no_grad():
+        sft = response_logprobs_of(sft_model, rollout.sequences, rollout.sequence_mask, P, 1.0)
+    torch.testing.assert_close(rollout.ref_logprobs[m], sft[m], atol=1e-5, rtol=1e-5)
+
+    def logprobs(model) -> torch.Tensor:
+        with torch.no_grad():
+            return response_logprobs_of(model, rollout.sequences, rollout.sequence_mask, P, 1.0)
+
+    reference = logprobs(module.reference)
+    trainer = _trainer(chain["root"], max_steps=1)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 1
+    assert (logprobs(module.policy)[m] - reference[m]).abs().max() > 1e-5  # the policy moved
+    assert torch.equal(logprobs(module.reference), reference)  # the reference did not

@@ -22,6 +22,12 @@ functions and score shaping (``RewardArgs``), the clipped ratio over ``epochs`` 
 manual optimisation with one global step per iteration, and a checkpoint without the frozen networks
 (``stages/online.py``). Reward-model scores are normalised with the reward stage's stored statistics (no
 calibration run: the group baselines centre the scores anyway).
+
+Several data-parallel ranks (DDP): each rank samples the groups of the prompts it loaded, with its own generator
+(every rank's state is in the checkpoint), so group statistics never need another rank; what spans the minibatch is
+global: :func:`row_weights` counts the tokens and replies of every rank, the backwards run without DDP's hooks and the
+gradients are averaged once per optimizer step (as PPO), so two ranks with b prompts step as one rank with 2b. The
+logged rollout metrics and running score moments are reduced over ranks; update statistics are means over ranks.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
+from rlhf_lightning.distributed import all_reduce_sum, average_gradients, world_size
 from rlhf_lightning.functional.advantages import BASELINES, group_advantages
 from rlhf_lightning.functional.kl import kl_k1, kl_k3
 from rlhf_lightning.functional.losses import ppo_policy_loss
@@ -120,14 +127,20 @@ torch.serialization.add_safe_globals([GRPOArgs])  # typed config in checkpoint h
 
 
 def row_weights(response_mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> torch.Tensor:
-    """Per-reply weights (b,) so that a minibatch's loss is ``sum_i w_i * sum_t loss_it`` over its valid tokens."""
+    """Per-reply weights (b,) so that a minibatch's loss is ``sum_i w_i * sum_t loss_it`` over its valid tokens.
+
+    The token and reply counts are those of the minibatch on every data-parallel rank (a collective), scaled by the
+    number of ranks: the mean over ranks of each rank's weighted loss (``average_gradients``) is the aggregation over
+    all of the minibatch's replies, even when the ranks' replies have different lengths. One process: plain counts.
+    """
     lengths = response_mask.sum(1).clamp_min(1).float()
-    n = response_mask.shape[0]
+    tokens, n = all_reduce_sum(torch.stack([lengths.sum(), lengths.new_tensor(float(len(lengths)))])).unbind()
+    scale = torch.full_like(lengths, float(world_size()))
     if aggregation == "token_mean":
-        return torch.full_like(lengths, 1.0) / lengths.sum()
+        return scale / tokens
     if aggregation == "sequence_mean":
-        return 1.0 / (n * lengths)
-    return torch.full_like(lengths, 1.0 / (n * max_new_tokens))  # token_sum
+        return scale / (n * lengths)
+    return scale / (n * max_new_tokens)  # token_sum
 
 
 class GRPOModule(LightningModule):
@@ -184,7 +197,9 @@ class GRPOModule(LightningModule):
         nets = load_networks(self.policy_from, self.reward_from, None, False, tokenizer)  # no critic
         self.policy, self.reference, self.tokenizer = nets.policy, nets.reference, nets.tokenizer
         self.reward_model = nets.reward_model
-        self.scorer = SequenceScorer(self.rewards, self.reward_model, reward_tokenizer=nets.reward_tokenizer)
+        self.scorer = SequenceScorer(
+            self.rewards, self.reward_model, reward_tokenizer=nets.reward_tokenizer, reduce=all_reduce_sum
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         online.drop_frozen(checkpoint, FROZEN_PREFIXES)
@@ -193,7 +208,7 @@ class GRPOModule(LightningModule):
             "backbone_prefix": "policy.",
             "model_spec": model_spec(self.policy),
             "running_scores": self.scorer.running.state_dict(),
-            "generator_state": self.generator.get_state(),
+            **online.generator_payload(self.generator),  # every rank's state (a collective)
             **tokenizer_payload(self.tokenizer),
         }
 
@@ -204,7 +219,7 @@ class GRPOModule(LightningModule):
         ):  # the frozen networks as configure_model built them (strict loading holds)
             online.restore_frozen(checkpoint, self, FROZEN_PREFIXES)
             self.scorer.running.load_state_dict(payload["running_scores"])
-        self.generator.set_state(payload["generator_state"])
+        online.restore_generator(self.generator, payload)
         self._generator_seeded = True
 
     def on_fit_start(self) -> None:
@@ -213,16 +228,18 @@ class GRPOModule(LightningModule):
             self._generator_seeded = True
 
     # -- one iteration -----------------------------------------------------------------------------------------------
-    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> dict[str, Rollout]:
+        """One iteration; returns ``{"rollout": rollout}`` for callbacks (``on_train_batch_end``'s ``outputs``)."""
         iteration = self.global_step
-        rollout, timings = self._rollout(batch)
+        rollout, timings = self._rollout(batch)  # 1. groups of replies, scores, group advantages
         check_finite("grpo", iteration, score=rollout.scores, advantage=rollout.advantages)
         started = time.perf_counter()
-        stats = self._update(rollout)
-        self._log_iteration(rollout, timings, stats, time.perf_counter() - started)
+        stats = self._update(rollout)  # 2. clipped-ratio epochs over shuffled minibatches
+        self._log_iteration(rollout, timings, stats, time.perf_counter() - started)  # 3. log
         if self.sample_every_n and iteration % self.sample_every_n == 0:
             log_table(self, "samples/grpo", SAMPLE_COLUMNS, sample_rows(rollout, iteration))
         online.count_iteration(self.trainer)
+        return {"rollout": rollout}
 
     def _sample(self, batch: PromptBatch, generator=None, update_running_stats: bool = True):
         self.policy.eval()
@@ -258,12 +275,13 @@ class GRPOModule(LightningModule):
             total = torch.zeros((), device=self.device)
             for m in range(0, len(rows), micro):  # the micro losses add up to the minibatch's loss
                 loss, stats = self.loss(rollout, rows[m : m + micro], weights[m : m + micro])
-                self.manual_backward(loss)
+                online.backward_unsynced(self, loss)
                 total = total + loss.detach()
                 for key, value in stats.items():
                     history.setdefault(key, []).append(value)
             history.setdefault("loss", []).append(total)
             params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            average_gradients(params)  # the mean over data-parallel ranks (DDP's hooks are off)
             if self.grpo.max_grad_norm is not None and params:
                 norm = torch.nn.utils.clip_grad_norm_(params, self.grpo.max_grad_norm)
                 history.setdefault("grad_norm", []).append(norm)
@@ -296,9 +314,17 @@ class GRPOModule(LightningModule):
         self, rollout: Rollout, timings, stats: dict[str, torch.Tensor], train_time: float
     ) -> None:
         n = len(rollout)
-        metrics = group_rollout_metrics(rollout, timings, self.grpo.group_size, train_time)
-        metrics.update({f"grpo/{key}": value for key, value in stats.items()})
+        metrics = group_rollout_metrics(rollout, self.grpo.group_size)  # global already
         self.log_dict(metrics, batch_size=n)
+        local = {f"grpo/{key}": value for key, value in stats.items()}
+        local.update(
+            {
+                "time/generation": torch.tensor(timings.generation),
+                "time/scoring": torch.tensor(timings.scoring),
+                "time/training": torch.tensor(train_time),
+            }
+        )
+        self.log_dict(local, batch_size=n, sync_dist=True)  # means over data-parallel ranks
         self.log("score", metrics["rollout/score_mean"], prog_bar=True, logger=False, batch_size=n)
         self.log("kl", metrics["rollout/kl"], prog_bar=True, logger=False, batch_size=n)
 

@@ -3,10 +3,15 @@
 - :func:`count_iteration`: one Lightning global step per iteration under manual optimisation (the stages step the
   raw optimizers, so ``max_steps``, ``ModelCheckpoint(every_n_train_steps)`` and resume count iterations),
 - :func:`rank_seed` and :func:`sampling_generator`: per-rank sampling seeds and a reproducible generator for the
-  rollout's device (CPU: the module's own generator; CUDA: a device generator seeded from it),
+  rollout's device (CPU: the module's own generator; CUDA: a device generator seeded from it);
+  :func:`generator_payload` / :func:`restore_generator`: every rank's generator state in the checkpoint, each rank
+  resuming its own stream,
+- :func:`backward_unsynced`: a backward without DDP's gradient hooks; the stages average gradients themselves once per
+  optimizer step (``distributed.average_gradients``), so a step may accumulate several backwards or leave a network
+  out,
 - :func:`check_precision` and :func:`check_full_distribution`: settings the stages refuse with one clear error,
-- :func:`repeat_prompts`, :func:`group_rollout_metrics`, :func:`log_validation`: group sampling and what a
-  critic-free stage logs,
+- :func:`repeat_prompts`, :func:`group_rollout_metrics`, :func:`log_validation`: group sampling (a group stays on the
+  rank that loaded its prompt) and what a critic-free stage logs (global over data-parallel ranks),
 - :func:`drop_frozen` / :func:`restore_frozen`: checkpoints hold no frozen network (reference, reward model); they are
   rebuilt from ``policy_from`` / ``reward_from`` and put back before strict loading.
 """
@@ -16,10 +21,18 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
 
+from rlhf_lightning.distributed import (
+    all_gather_tensors,
+    global_masked_moments,
+    global_mean,
+    global_rank,
+    no_backward_sync,
+)
 from rlhf_lightning.functional.kl import kl_k1, kl_k3
 from rlhf_lightning.stages.ppo_metrics import sequence_kl
 from rlhf_lightning.types import PromptBatch, Rollout
@@ -33,6 +46,39 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 def rank_seed(seed: int, rank: int) -> int:
     """Sampling seed of data-parallel rank ``rank``: ``seed`` on rank 0, a different one on every other rank."""
     return seed + 1000003 * rank
+
+
+def generator_payload(generator: torch.Generator) -> dict[str, Any]:
+    """Checkpoint entries of the sampling generator: ``generator_states`` (one per data-parallel rank, gathered: a
+    collective) and ``generator_state`` (rank 0's, what checkpoints held before ``generator_states``)."""
+    return {
+        "generator_state": generator.get_state(),
+        "generator_states": all_gather_tensors(generator.get_state()),
+    }
+
+
+def restore_generator(generator: torch.Generator, payload: dict[str, Any]) -> None:
+    """Each rank takes its own saved generator state; a rank the checkpoint has none for (an older checkpoint, or
+    more ranks than when it was saved) seeds a stream of its own from rank 0's state, never a copy of it."""
+    rank = global_rank()
+    states = payload.get("generator_states") or [payload["generator_state"]]
+    if rank < len(states):
+        generator.set_state(states[rank])
+        return
+    source = torch.Generator()
+    source.set_state(states[0])
+    base = int(torch.randint(0, 2**62, (1,), generator=source))
+    generator.manual_seed(rank_seed(base, rank))
+
+
+def backward_unsynced(module: Any, loss: torch.Tensor) -> None:
+    """``module.manual_backward(loss)`` with the DDP wrapper's gradient hooks off (nothing differs on one device).
+
+    DDP's reducer refuses several backwards per forward and parameters left out of a step; the online stages
+    accumulate micro-batches and call ``distributed.average_gradients`` once per optimizer step instead."""
+    trainer = getattr(module, "_trainer", None)
+    with no_backward_sync(trainer.strategy.model if trainer is not None else None):
+        module.manual_backward(loss)
 
 
 def count_iteration(trainer: Any) -> None:
@@ -111,35 +157,40 @@ def repeat_prompts(batch: PromptBatch, k: int) -> PromptBatch:
     )
 
 
-def group_rollout_metrics(
-    rollout: Rollout, timings: Any, group_size: int, train_time: float
-) -> dict[str, Any]:
-    """``rollout/*`` and ``time/*`` metrics of a rollout of consecutive groups of ``group_size`` replies."""
+def _global_std(x: torch.Tensor) -> torch.Tensor:
+    """Unbiased std of every entry of ``x`` on every rank."""
+    return global_masked_moments(x.float())[1].sqrt()
+
+
+def group_rollout_metrics(rollout: Rollout, group_size: int) -> dict[str, torch.Tensor]:
+    """``rollout/*`` metrics of a rollout of consecutive groups of ``group_size`` replies, over every data-parallel
+    rank's replies (collectives: every rank gets the same values, equal to one process holding all the groups).
+
+    The group statistics are per group (a group lives on one rank); only their means over groups are reduced."""
     scores, mask = rollout.scores, rollout.response_mask
     groups = scores.view(-1, group_size)
     sequence_adv = rollout.advantages.sum(1) / mask.sum(1).clamp_min(1)
     return {
-        "rollout/score_mean": scores.mean(),
-        "rollout/score_std": scores.std(),
-        "rollout/score_normalised_mean": rollout.raw_scores.mean(),
-        "rollout/group_score_std": groups.std(dim=1).mean(),  # within-group spread: the learning signal
-        "rollout/zero_signal_groups": (groups.amax(1) == groups.amin(1)).float().mean(),
-        "rollout/advantage_std": sequence_adv.std(),
-        "rollout/kl": sequence_kl(kl_k1, rollout).mean(),
-        "rollout/kl_k3": sequence_kl(kl_k3, rollout).mean(),
-        "rollout/response_len": mask.sum(1).float().mean(),
-        "rollout/eos_rate": rollout.ended_with_eos.float().mean(),
-        "time/generation": torch.tensor(timings.generation),
-        "time/scoring": torch.tensor(timings.scoring),
-        "time/training": torch.tensor(train_time),
+        "rollout/score_mean": global_mean(scores),
+        "rollout/score_std": _global_std(scores),
+        "rollout/score_normalised_mean": global_mean(rollout.raw_scores),
+        "rollout/group_score_std": global_mean(groups.std(dim=1)),  # within-group spread: the learning signal
+        "rollout/zero_signal_groups": global_mean((groups.amax(1) == groups.amin(1)).float()),
+        "rollout/advantage_std": _global_std(sequence_adv),
+        "rollout/kl": global_mean(sequence_kl(kl_k1, rollout)),
+        "rollout/kl_k3": global_mean(sequence_kl(kl_k3, rollout)),
+        "rollout/response_len": global_mean(mask.sum(1).float()),
+        "rollout/eos_rate": global_mean(rollout.ended_with_eos.float()),
     }
 
 
 def log_validation(module: Any, rollout: Rollout) -> None:
-    """Log ``val/score``, ``val/score_normalised``, ``val/kl`` (k1), ``val/response_len``, ``val/eos_rate``."""
+    """Log ``val/score``, ``val/score_normalised``, ``val/kl`` (k1), ``val/response_len``, ``val/eos_rate`` (means
+    over the data-parallel ranks)."""
     n = len(rollout)
-    module.log("val/score", rollout.scores.mean(), batch_size=n, prog_bar=True)
-    module.log("val/score_normalised", rollout.raw_scores.mean(), batch_size=n)
-    module.log("val/kl", sequence_kl(kl_k1, rollout).mean(), batch_size=n)
-    module.log("val/response_len", rollout.response_mask.sum(1).float().mean(), batch_size=n)
-    module.log("val/eos_rate", rollout.ended_with_eos.float().mean(), batch_size=n)
+    log = partial(module.log, batch_size=n, sync_dist=True)
+    log("val/score", rollout.scores.mean(), prog_bar=True)
+    log("val/score_normalised", rollout.raw_scores.mean())
+    log("val/kl", sequence_kl(kl_k1, rollout).mean())
+    log("val/response_len", rollout.response_mask.sum(1).float().mean())
+    log("val/eos_rate", rollout.ended_with_eos.float().mean())

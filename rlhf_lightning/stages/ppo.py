@@ -54,12 +54,10 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from rlhf_lightning.distributed import (
-    all_gather_tensors,
     all_reduce_sum,
     average_gradients,
     global_mean,
     global_rank,
-    no_backward_sync,
     token_mean_scale,
     world_size,
 )
@@ -72,12 +70,15 @@ from rlhf_lightning.models.factory import model_spec
 from rlhf_lightning.models.generation import GenerationArgs
 from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY
 from rlhf_lightning.stages.online import (
+    backward_unsynced,
     check_full_distribution,
     check_precision,
     count_iteration,
     drop_frozen,
+    generator_payload,
     rank_seed,
     restore_frozen,
+    restore_generator,
     sampling_generator,
     shuffled_minibatches,
 )
@@ -270,8 +271,7 @@ class PPOModule(LightningModule):
             "model_spec": model_spec(self.policy),
             "kl_controller": self.kl_controller.state_dict(),
             "running_scores": self.scorer.running.state_dict(),
-            "generator_state": self.generator.get_state(),  # rank 0's (checkpoints written before generator_states)
-            "generator_states": all_gather_tensors(self.generator.get_state()),  # one per rank (a collective)
+            **generator_payload(self.generator),  # every rank's state (a collective)
             "score_stats": self.score_stats.as_dict() if self.score_stats else None,
             **tokenizer_payload(self.tokenizer),
         }
@@ -285,27 +285,14 @@ class PPOModule(LightningModule):
         self.kl_controller.load_state_dict(payload["kl_controller"])
         if self.policy is not None:
             self.scorer.running.load_state_dict(payload["running_scores"])
-        self._restore_generator(payload)
+        restore_generator(self.generator, payload)
+        self._generator_seeded = True
         self._restored = True  # the critic head is the trained one: never calibrate (and fold) again
         stats = payload.get("score_stats")
         if stats:
             self.score_stats = ScoreStats(**stats)
             if self.policy is not None and self.reward_model is not None:
                 self.reward_model.set_score_stats(self.score_stats.mean, self.score_stats.std)
-
-    def _restore_generator(self, payload: dict[str, Any]) -> None:
-        """Each rank takes its own saved generator state; a rank the checkpoint has none for (an older checkpoint, or
-        more ranks than when it was saved) seeds a stream of its own from rank 0's state, never a copy of it."""
-        rank = global_rank()
-        states = payload.get("generator_states") or [payload["generator_state"]]
-        if rank < len(states):
-            self.generator.set_state(states[rank])
-        else:
-            source = torch.Generator()
-            source.set_state(states[0])
-            base = int(torch.randint(0, 2**62, (1,), generator=source))
-            self.generator.manual_seed(rank_seed(base, rank))
-        self._generator_seeded = True
 
     # -- reward normalisation ----------------------------------------------------------------------------------------
     @property
@@ -503,9 +490,7 @@ class PPOModule(LightningModule):
         """Backward without DDP's gradient hooks: a step may leave a network out (critic warm-up) and accumulates
         several backwards, which DDP's reducer refuses; :meth:`_clip_and_step` averages the gradients over the
         data-parallel ranks once per optimizer step instead."""
-        wrapper = self._trainer.strategy.model if self._trainer is not None else None
-        with no_backward_sync(wrapper):
-            self.manual_backward(loss)
+        backward_unsynced(self, loss)
 
     def _clip_and_step(self, policy_opt, value_opt, update_policy: bool) -> dict[str, torch.Tensor]:
         norms = {}
