@@ -190,6 +190,9 @@ class RLHFPipeline:
         overwrite: delete an existing ``save_dir`` and start over (a finished run is never overwritten without it).
         model: a ``ModelArgs``-style dict for the built-in model (overrides the stage configs' ``model``).
         datamodules: per-stage DataModule config (``{"class_path": ..., "init_args": ...}``) replacing the default.
+            The pipeline sets its ``train_path`` (the stage's ``*_data_path``) and, when the class takes one, its
+            ``tokenizer_path`` (the run's tokenizer); the class is imported by its path (``__main__.MyData`` for
+            one defined in a script or notebook).
     """
 
     def __init__(
@@ -261,13 +264,14 @@ class RLHFPipeline:
             callback.setdefault("init_args", {})["dirpath"] = str(folder / "checkpoints")
         data_args = config.setdefault("data", {}).setdefault("init_args", {})
         model_args = config.setdefault("model", {}).setdefault("init_args", {})
-        if "tokenizer_path" in data_args or "class_path" not in self.datamodules.get(stage, {}):
+        user_class = self.datamodules.get(stage, {}).get("class_path")
+        if user_class is None or "tokenizer_path" in data_args or _takes(user_class, "tokenizer_path"):
             data_args["tokenizer_path"] = self.tokenizer_path
         if self.model is not None and stage in ("sft", "reward"):
             model_args["model"] = {**model_args.get("model", {}), **self.model}
         elif c.model_preset is not None and stage == "sft":
             model_args.setdefault("model", {})["preset"] = c.model_preset
-        if "class_path" not in self.datamodules.get(stage, {}):
+        if user_class is None:
             _follow_data(data_args, *self._data_paths(stage))
         else:  # a user's DataModule: only the train file is the pipeline's to set
             data_args["train_path"] = self._data_paths(stage)[0]
@@ -595,6 +599,20 @@ def _follow_data(data_args: dict[str, Any], train_path: str, val_path: str | Non
         data_args["val_path"] = None
         if not data_args.get("val_fraction"):  # unset or 0 in the YAML
             data_args["val_fraction"] = 0.1
+
+
+def _takes(class_path: str, name: str) -> bool:
+    """Whether the class at ``class_path`` takes an argument ``name`` (or ``**kwargs``); False when it cannot be
+    imported (the stage CLI then reports the bad class path)."""
+    import inspect
+
+    from jsonargparse.typing import import_object
+
+    try:
+        parameters = inspect.signature(import_object(class_path)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return False
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def validation_source(data_args: dict[str, Any]) -> str:
