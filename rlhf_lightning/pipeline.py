@@ -423,9 +423,9 @@ class RLHFPipeline:
     def _evaluate(self, inputs: dict[str, str], previous: dict[str, Any] | None = None) -> dict[str, Any]:
         """The SFT policy (baseline) against the final policy (PPO, GRPO or RLOO stage) on at most
         ``eval_prompts`` held-out prompts, judged by the reward model when the chain trained one and by the stage's
-        reward functions (``rlhf_lightning.evaluation``): writes ``evaluation/`` and returns the summary's
-        ``evaluation`` entry (the table and per-policy results). ``previous`` (the summary's entry) is kept when
-        ``evaluation.json`` is newer than the final stage's ``done.json``. A failure is reported, as
+        reward functions and held-out judges (``rlhf_lightning.evaluation``): writes ``evaluation/`` and returns the
+        summary's ``evaluation`` entry (the table and per-policy results). ``previous`` (the summary's entry) is kept
+        when ``evaluation.json`` is newer than the final stage's ``done.json``. A failure is reported, as
         ``{"error": ...}`` and on stdout, and never touches the trained checkpoints."""
         final = self.chain[-1]
         out, done = self.root / "evaluation", self.root / final / "done.json"
@@ -487,7 +487,10 @@ class RLHFPipeline:
         return {
             "prompts": prompts,
             "generation": GenerationArgs(sampling.max_new_tokens, temperature=sampling.temperature),
-            "functions": list(cli.model.rewards.functions),
+            # the reward functions it optimised, then its held-out judges (never optimised)
+            "functions": list(
+                dict.fromkeys([*cli.model.rewards.functions, *getattr(cli.model, "judge_specs", [])])
+            ),
             "max_prompt_length": getattr(cli.datamodule, "max_prompt_length", 256),
         }
 

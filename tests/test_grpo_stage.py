@@ -194,3 +194,24 @@ def test_resume_continues_as_if_uninterrupted(sft_checkpoint, tiny_tokenizer, tm
 def test_invalid_grpo_arguments_are_named(bad):
     with pytest.raises(ValueError, match=f"invalid GRPO arguments: {next(iter(bad))}="):
         GRPOArgs(**bad)
+
+
+def test_held_out_judges_are_logged_beside_the_score(sft_checkpoint, tiny_tokenizer, tmp_path):  # noqa: F811
+    """``judges`` score the same validation replies as the optimised reward, under ``val/judge/<name>``."""
+    from rlhf_lightning.stages.rewards import RewardArgs
+
+    judges = ["rlhf_lightning.reward_functions:brevity", "rlhf_lightning.reward_functions:contains_target"]
+    module = GRPOModule(
+        policy_from=sft_checkpoint,
+        tokenizer_path=tiny_tokenizer.source,
+        rewards=RewardArgs(**BREVITY),
+        generation=GenerationArgs(max_new_tokens=16),
+        judges=judges,
+    )
+    trainer = quiet_trainer(tmp_path, limit_val_batches=1)
+    (metrics,) = trainer.validate(module, datamodule=_prompt_module(tiny_tokenizer.source, batch_size=8))
+    # the optimised reward is brevity alone: its unshaped score and the brevity judge see the same replies
+    assert metrics["val/judge/brevity"] == pytest.approx(metrics["val/score_normalised"], abs=1e-6)
+    assert 0.0 <= metrics["val/judge/contains_target"] <= 1.0
+    with pytest.raises(ValueError, match="two functions named 'brevity'"):
+        GRPOModule(policy_from=sft_checkpoint, judges=[judges[0], "my_rules:brevity"])

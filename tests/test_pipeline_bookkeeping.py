@@ -173,3 +173,28 @@ def test_a_users_datamodule_gets_the_train_file_and_the_runs_tokenizer(tmp_path)
     bare = {"class_path": f"{__name__}.UserSFTDataNoTokenizer"}
     data = RLHFPipeline(config, datamodules={"sft": bare}).stage_config("sft", {})["data"]
     assert data["init_args"] == {"train_path": str(tmp_path / "mine.jsonl")}  # no argument it cannot take
+
+
+def test_closing_evaluation_judges_with_the_stages_rewards_and_held_out_judges(tmp_path):
+    from types import SimpleNamespace
+
+    from rlhf_lightning.models.generation import GenerationArgs
+
+    prompts = tmp_path / "val.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n{"prompt": "Hello"}\n', encoding="utf-8")
+    pipe = RLHFPipeline(RLHFConfig(save_dir=str(tmp_path / "run"), ppo_val_path=str(prompts), eval_prompts=1))
+    brevity, target = (
+        "rlhf_lightning.reward_functions:brevity",
+        "rlhf_lightning.reward_functions:contains_target",
+    )
+    model = SimpleNamespace(
+        rewards=SimpleNamespace(functions=[brevity]),
+        judge_specs=[brevity, target],  # a judge that is also optimised is judged once
+        generation=GenerationArgs(max_new_tokens=7, temperature=0.5),
+    )
+    settings = pipe._settings_for_evaluation(SimpleNamespace(model=model, datamodule=SimpleNamespace()))
+    assert settings["functions"] == [brevity, target]
+    assert [p.messages[-1]["content"] for p in settings["prompts"]] == ["Hi"]
+    assert (
+        settings["generation"] == GenerationArgs(7, temperature=0.5) and settings["max_prompt_length"] == 256
+    )

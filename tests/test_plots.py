@@ -135,3 +135,24 @@ def test_reward_config_validates_more_than_twice(repo_root: Path) -> None:
         "val_check_interval"
     ]
     assert isinstance(interval, float) and 1 / interval > 2
+
+
+@pytest.mark.parametrize("stage, score_panel", [("ppo", "reward-model score"), ("grpo", "score")])
+def test_held_out_judges_get_a_panel_beside_the_score(tmp_path: Path, stage: str, score_panel: str) -> None:
+    pytest.importorskip("matplotlib")
+    from rlhf_lightning.plots import JUDGES_PANEL, plot_stage
+
+    keys = ["rollout/score_mean", "val/score", "val/judge/brevity", "val/judge/contains_target", "rollout/kl"]
+    _write_metrics(tmp_path / "metrics.csv", keys, 6)
+    fig = plot_stage(stage, read_metrics(tmp_path / "metrics.csv"))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:3] == [score_panel, JUDGES_PANEL, "KL to reference"]
+    judges = fig.axes[1]
+    assert [line.get_label() for line in judges.get_lines()] == [
+        "brevity (val/judge/brevity)",
+        "contains_target (val/judge/contains_target)",
+    ]
+    _write_metrics(tmp_path / "plain.csv", ["rollout/score_mean", "val/score", "rollout/kl"], 6)
+    assert JUDGES_PANEL not in [
+        ax.get_title() for ax in plot_stage(stage, read_metrics(tmp_path / "plain.csv")).axes
+    ]

@@ -144,6 +144,9 @@ class GRPOModule(LightningModule):
         sample_every_n: log a table of prompts, responses and scores every this many iterations (0 = never).
         eval_max_prompts: held-out prompts scored per validation run (one reply each).
         seed: seed of the sampling and shuffling generator (offset by the data-parallel rank).
+        judges: held-out judges, reward functions ``"package.module:function"`` scored on the validation replies and
+            logged as ``val/judge/<name>`` beside ``val/score`` (and plotted next to it), never optimised: the
+            optimised score rising while a judge falls is the mark of over-optimisation.
     """
 
     def __init__(
@@ -158,10 +161,13 @@ class GRPOModule(LightningModule):
         sample_every_n: int = 10,
         eval_max_prompts: int = 64,
         seed: int = 0,
+        judges: list[str] | None = None,
     ) -> None:
         super().__init__()
         for spec in rewards.functions:  # a bad "module:function" fails here, before any training
             load_reward_function(spec)
+        self.judge_specs = list(judges or [])
+        self.judges = online.load_judges(self.judge_specs)
         online.check_full_distribution(generation, "GRPO")
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False
@@ -309,6 +315,7 @@ class GRPOModule(LightningModule):
         generator = torch.Generator(device=self.device).manual_seed(self.seed + batch_idx)
         rollout, _ = self._sample(batch, generator=generator, update_running_stats=False)
         log_validation(self, rollout)
+        online.log_judges(self, self.judges, batch, rollout)
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.policy.parameters())

@@ -7,6 +7,9 @@
 - :func:`check_precision` and :func:`check_full_distribution`: settings the stages refuse with one clear error,
 - :func:`repeat_prompts`, :func:`group_rollout_metrics`, :func:`log_validation`: group sampling and what a
   critic-free stage logs,
+- :func:`load_judges` and :func:`log_judges`: held-out judges, reward functions scored on the validation replies
+  beside the optimised score but never optimised (``val/judge/<name>``): the optimised score rising while a judge
+  falls is the mark of over-optimisation, the policy exploiting its reward,
 - :func:`drop_frozen` / :func:`restore_frozen`: checkpoints hold no frozen network (reference, reward model); they are
   rebuilt from ``policy_from`` / ``reward_from`` and put back before strict loading.
 """
@@ -14,7 +17,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +25,7 @@ import torch
 
 from rlhf_lightning.functional.kl import kl_k1, kl_k3
 from rlhf_lightning.stages.ppo_metrics import sequence_kl
+from rlhf_lightning.stages.rewards import RewardFunction, load_reward_function
 from rlhf_lightning.types import PromptBatch, Rollout
 
 # Expected in these stages, so not worth a warning on every run: checkpoints hold the state AFTER each iteration's
@@ -133,6 +137,36 @@ def group_rollout_metrics(
         "time/scoring": torch.tensor(timings.scoring),
         "time/training": torch.tensor(train_time),
     }
+
+
+def load_judges(specs: Sequence[str]) -> dict[str, RewardFunction]:
+    """The held-out judges ``"package.module:function"`` (reward-function signature), keyed by function name; a bad
+    spec or two functions of the same name fail here, when the stage is built."""
+    judges: dict[str, RewardFunction] = {}
+    for spec in specs:
+        name = spec.rsplit(":", 1)[-1]
+        if name in judges:
+            raise ValueError(f"judges: two functions named {name!r}; expected one function per name")
+        judges[name] = load_reward_function(spec)
+    return judges
+
+
+def log_judges(
+    module: Any,
+    judges: dict[str, RewardFunction],
+    batch: PromptBatch,
+    rollout: Rollout,
+    sync_dist: bool = False,
+) -> None:
+    """Log each judge's mean score of the validation replies as ``val/judge/<name>``: ``fn(prompt, reply, row)`` on
+    the same inputs the optimised reward functions get (prompt messages, decoded reply, the prompt row)."""
+    rows = list(batch.rows) if batch.rows else [{} for _ in rollout.texts]
+    for name, fn in judges.items():
+        values = [
+            float(fn(list(row.get("prompt", [])), text, dict(row))) for row, text in zip(rows, rollout.texts)
+        ]
+        score = torch.tensor(values, device=rollout.scores.device).mean()
+        module.log(f"val/judge/{name}", score, batch_size=len(values), sync_dist=sync_dist)
 
 
 def log_validation(module: Any, rollout: Rollout) -> None:

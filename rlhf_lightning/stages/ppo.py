@@ -76,6 +76,8 @@ from rlhf_lightning.stages.online import (
     check_precision,
     count_iteration,
     drop_frozen,
+    load_judges,
+    log_judges,
     rank_seed,
     restore_frozen,
     sampling_generator,
@@ -192,6 +194,9 @@ class PPOModule(LightningModule):
         seed: seed of the sampling and shuffling generator (offset by the data-parallel rank).
         trust_remote_code: allow Hugging Face backbones that need their folder's own modelling code (only for
             folders you trust; a value stored in a checkpoint is never used).
+        judges: held-out judges, reward functions ``"package.module:function"`` scored on the validation replies and
+            logged as ``val/judge/<name>`` beside ``val/score`` (and plotted next to it), never optimised: the
+            optimised score rising while a judge falls is the mark of over-optimisation.
     """
 
     def __init__(
@@ -210,10 +215,13 @@ class PPOModule(LightningModule):
         eval_max_prompts: int = 64,
         seed: int = 0,
         trust_remote_code: bool = False,
+        judges: list[str] | None = None,
     ) -> None:
         super().__init__()
         for spec in rewards.functions:  # a bad "module:function" fails here, before any training
             load_reward_function(spec)
+        self.judge_specs = list(judges or [])
+        self.judges = load_judges(self.judge_specs)
         check_full_distribution(generation, "PPO")
         self.save_hyperparameters(ignore=["policy_optimizer", "value_optimizer"])
         self.automatic_optimization = False
@@ -548,6 +556,7 @@ class PPOModule(LightningModule):
         self.log("val/kl", sequence_kl(kl_k1, rollout).mean(), batch_size=n, sync_dist=True)
         self.log("val/response_len", mask.sum(1).float().mean(), batch_size=n, sync_dist=True)
         self.log("val/eos_rate", rollout.ended_with_eos.float().mean(), batch_size=n, sync_dist=True)
+        log_judges(self, self.judges, batch, rollout, sync_dist=True)
 
     # -- optimisation ----------------------------------------------------------------------------------------------
     def configure_optimizers(self):
