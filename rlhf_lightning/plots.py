@@ -231,10 +231,17 @@ def plot_evaluation(report: dict[str, Any]) -> Any:
         ax.grid(alpha=0.3, axis="y")
         if groups > 1:
             ax.legend(fontsize="small")
-    fig.suptitle(
-        f"evaluation on {report.get('n_prompts', '?')} prompts (baseline {report.get('baseline', '?')})"
-    )
+    baseline = _shown_path(str(report.get("baseline", "?")))
+    fig.suptitle(f"evaluation on {report.get('n_prompts', '?')} prompts (baseline {baseline})")
     return fig
+
+
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working folder when it lies inside it (a shorter title, free of machine paths)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:  # elsewhere: shown as it is
+        return path
 
 
 def save_evaluation_plot(report: dict[str, Any], out: str | Path) -> Path | None:

@@ -156,3 +156,36 @@ def test_held_out_judges_get_a_panel_beside_the_score(tmp_path: Path, stage: str
     assert JUDGES_PANEL not in [
         ax.get_title() for ax in plot_stage(stage, read_metrics(tmp_path / "plain.csv")).axes
     ]
+
+
+def test_evaluation_chart_names_the_baseline_relative_to_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    from rlhf_lightning.plots import plot_evaluation
+
+    def report(baseline: str) -> dict:
+        score = {"mean": 0.5, "std": 0.1}
+        win = {"win_rate": 0.6, "ci_low": 0.5, "ci_high": 0.7}
+        policies = [
+            {
+                "name": "baseline",
+                "is_baseline": True,
+                "scores": {"j": score},
+                "kl": None,
+                "response_tokens": 9.0,
+            },
+            {
+                "name": "ppo",
+                "scores": {"j": score},
+                "win_rate": {"j": win},
+                "kl": None,
+                "response_tokens": 7.0,
+            },
+        ]
+        return {"n_prompts": 4, "baseline": baseline, "judges": ["j"], "policies": policies}
+
+    monkeypatch.chdir(tmp_path)
+    inside = plot_evaluation(report(str(tmp_path / "run" / "sft" / "best.ckpt")))
+    assert inside.get_suptitle() == "evaluation on 4 prompts (baseline run/sft/best.ckpt)"
+    assert "/elsewhere/sft.ckpt" in plot_evaluation(report("/elsewhere/sft.ckpt")).get_suptitle()
