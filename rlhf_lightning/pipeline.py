@@ -413,6 +413,7 @@ class RLHFPipeline:
             summary["stages"][stage] = result["results"]
             self._write_json(self.root / stage / "done.json", result)
             self._write_json(self.root / "summary.json", summary)
+        self._checked.clear()  # builds of stages skipped as finished: not needed any more
         final = self.chain[-1]
         if final in self.stages and final in ONLINE_STAGES and self.config.eval_prompts:
             summary["evaluation"] = self._evaluate(inputs, summary.get("evaluation"))
