@@ -147,6 +147,8 @@ class GRPOModule(LightningModule):
         judges: held-out judges, reward functions ``"package.module:function"`` scored on the validation replies and
             logged as ``val/judge/<name>`` beside ``val/score`` (and plotted next to it), never optimised: the
             optimised score rising while a judge falls is the mark of over-optimisation.
+        judge_models: held-out reward models (reward checkpoints or stage folders, e.g. one trained on other
+            preference data) judging the same way, as ``val/judge/<file or folder name>`` (``online.HeldOutJudges``).
     """
 
     def __init__(
@@ -162,12 +164,13 @@ class GRPOModule(LightningModule):
         eval_max_prompts: int = 64,
         seed: int = 0,
         judges: list[str] | None = None,
+        judge_models: list[str] | None = None,
     ) -> None:
         super().__init__()
         for spec in rewards.functions:  # a bad "module:function" fails here, before any training
             load_reward_function(spec)
         self.judge_specs = list(judges or [])
-        self.judges = online.load_judges(self.judge_specs)
+        self.judges = online.HeldOutJudges(self.judge_specs, judge_models or [])
         online.check_full_distribution(generation, "GRPO")
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False
@@ -191,6 +194,7 @@ class GRPOModule(LightningModule):
         self.policy, self.reference, self.tokenizer = nets.policy, nets.reference, nets.tokenizer
         self.reward_model = nets.reward_model
         self.scorer = SequenceScorer(self.rewards, self.reward_model, reward_tokenizer=nets.reward_tokenizer)
+        self.judges.load_models(self.tokenizer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         online.drop_frozen(checkpoint, FROZEN_PREFIXES)
@@ -315,7 +319,7 @@ class GRPOModule(LightningModule):
         generator = torch.Generator(device=self.device).manual_seed(self.seed + batch_idx)
         rollout, _ = self._sample(batch, generator=generator, update_running_stats=False)
         log_validation(self, rollout)
-        online.log_judges(self, self.judges, batch, rollout)
+        self.judges.log(self, batch, rollout)
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.policy.parameters())
