@@ -442,7 +442,30 @@ def format_table(report: dict[str, Any]) -> str:
             f"({pairwise['pairs']} pairs, mean margin {pairwise['mean_margin']:.3f})"
         )
     note = f"{report['n_prompts']} prompts, baseline {report['baseline']}, KL to {report['reference']}"
-    return f"{text}\n\n{note}"
+    reading = _reading(report)
+    return f"{text}\n\n{note}" + (f"\n\n{reading}" if reading else "")
+
+
+def _reading(report: dict[str, Any]) -> str:
+    """Plain-words lines under the table for results that are easy to misread: a win rate whose interval contains
+    1/2 (no measurable difference) and a negative k1 KL (estimation noise, not a policy closer than identical)."""
+    level = f"{report['bootstrap']['confidence']:.0%}"
+    lines = []
+    for entry in report["policies"]:
+        for judge, win in entry.get("win_rate", {}).items():
+            if win["ci_low"] <= 0.5 <= win["ci_high"]:
+                lines.append(
+                    f"{entry['name']}: no measurable difference from the baseline under {judge} (its {level} interval "
+                    f"[{win['ci_low']:.3f}, {win['ci_high']:.3f}] contains 0.5); more prompts narrow it"
+                )
+        kl = entry.get("kl")
+        if kl is not None and kl["k1"] < 0:
+            lines.append(
+                f"{entry['name']}: KL k1 {kl['k1']:.3f} < 0 is sampling noise (k1 averages log-ratios of sampled "
+                f"replies, which can come out negative when the policy has hardly moved); k3, never negative, is "
+                f"{kl['k3']:.3f}"
+            )
+    return "\n".join(f"- {line}" for line in lines)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -26,11 +26,13 @@ stage config and the pipeline config are logged as hyper-parameters. The stage Y
 replaced.
 
 A stage with ``done.json`` is skipped on a rerun; a stage with checkpoints but no ``done.json`` was interrupted and
-resumes from its ``last.ckpt``. Every stage's config and data are checked before the first stage trains.
+resumes from its ``last.ckpt``. Every stage's config and data are checked before the first stage trains, without
+a Trainer (:meth:`RLHFPipeline.validate`): each stage builds one Trainer and sets its seed once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -188,6 +190,9 @@ class RLHFPipeline:
         overwrite: delete an existing ``save_dir`` and start over (a finished run is never overwritten without it).
         model: a ``ModelArgs``-style dict for the built-in model (overrides the stage configs' ``model``).
         datamodules: per-stage DataModule config (``{"class_path": ..., "init_args": ...}``) replacing the default.
+            The pipeline sets its ``train_path`` (the stage's ``*_data_path``) and, when the class takes one, its
+            ``tokenizer_path`` (the run's tokenizer); the class is imported by its path (``__main__.MyData`` for
+            one defined in a script or notebook).
     """
 
     def __init__(
@@ -212,6 +217,10 @@ class RLHFPipeline:
         self.datamodules = datamodules or {}
         self.root = Path(config.save_dir)
         self.tokenizer_path = config.tokenizer_path or str(self.root / "tokenizer.json")
+        self._checked: dict[str, tuple[dict[str, Any], Any]] = {}  # stage -> (config, build) from validate()
+        self._eval_settings: dict[
+            str, dict[str, Any]
+        ] = {}  # final stage -> its evaluation settings, once run
 
     # -- configs ----------------------------------------------------------------------------------------------------
     def _chain(self) -> tuple[str, ...]:
@@ -255,13 +264,14 @@ class RLHFPipeline:
             callback.setdefault("init_args", {})["dirpath"] = str(folder / "checkpoints")
         data_args = config.setdefault("data", {}).setdefault("init_args", {})
         model_args = config.setdefault("model", {}).setdefault("init_args", {})
-        if "tokenizer_path" in data_args or "class_path" not in self.datamodules.get(stage, {}):
+        user_class = self.datamodules.get(stage, {}).get("class_path")
+        if user_class is None or "tokenizer_path" in data_args or _takes(user_class, "tokenizer_path"):
             data_args["tokenizer_path"] = self.tokenizer_path
         if self.model is not None and stage in ("sft", "reward"):
             model_args["model"] = {**model_args.get("model", {}), **self.model}
         elif c.model_preset is not None and stage == "sft":
             model_args.setdefault("model", {})["preset"] = c.model_preset
-        if "class_path" not in self.datamodules.get(stage, {}):
+        if user_class is None:
             _follow_data(data_args, *self._data_paths(stage))
         else:  # a user's DataModule: only the train file is the pipeline's to set
             data_args["train_path"] = self._data_paths(stage)[0]
@@ -313,7 +323,9 @@ class RLHFPipeline:
             "rloo": (c.ppo_data_path, c.ppo_val_path),
         }[stage]
 
-    def _cli(self, config: dict[str, Any]):
+    def _cli(self, config: dict[str, Any], defer_trainer: bool = False):
+        """The stage's LightningCLI (``run=False``) on ``config`` (edited in place by parsing). ``defer_trainer``:
+        DataModule and LightningModule only, no seeding and no Trainer (``RLHFLightningCLI.build_trainer``)."""
         from lightning.pytorch import LightningDataModule, LightningModule
 
         from rlhf_lightning.stage_cli import RLHFLightningCLI
@@ -330,21 +342,39 @@ class RLHFPipeline:
                 args=config,
                 auto_configure_optimizers=False,
                 save_config_callback=None,
+                defer_trainer=defer_trainer,
             )
 
     # -- early validation -----------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Parse every stage's config and check its data files, before anything trains."""
+        """Parse every stage's config and check its data files, before anything trains.
+
+        Each stage's DataModule and LightningModule are built (argument checks; the networks are built later, in
+        ``configure_model``), but no Trainer and no seeding: nothing is printed twice. A stage whose config does not
+        depend on an earlier stage's checkpoint (the first one) keeps this build and runs on it (:meth:`_stage_cli`).
+        """
         placeholders = {"sft": "<sft checkpoint>", "reward": "<reward checkpoint>"}
+        self._checked = {}
         for stage in self.stages:
             config = self.stage_config(stage, placeholders)
+            parsed = copy.deepcopy(config)  # parsing edits config in place
             try:
-                cli = self._cli(config)
+                cli = self._cli(config, defer_trainer=True)
             except SystemExit as err:
                 raise ValueError(f"stage '{stage}': invalid config (see the message above)") from err
             check = getattr(cli.datamodule, "validate_inputs", None)
             if callable(check):
                 check()
+            self._checked[stage] = (parsed, cli)
+
+    def _stage_cli(self, stage: str, config: dict[str, Any]):
+        """The stage's build for running ``config``: the one :meth:`validate` made when it parsed this very config
+        (no placeholder in it), else a new one; the Trainer is built (and the seed set) here, once."""
+        parsed, cli = self._checked.pop(stage, (None, None))
+        if cli is None or parsed != config:
+            cli = self._cli(config, defer_trainer=True)
+        cli.build_trainer()
+        return cli
 
     # -- running ------------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -383,6 +413,7 @@ class RLHFPipeline:
             summary["stages"][stage] = result["results"]
             self._write_json(self.root / stage / "done.json", result)
             self._write_json(self.root / "summary.json", summary)
+        self._checked.clear()  # builds of stages skipped as finished: not needed any more
         final = self.chain[-1]
         if final in self.stages and final in ONLINE_STAGES and self.config.eval_prompts:
             summary["evaluation"] = self._evaluate(inputs, summary.get("evaluation"))
@@ -393,9 +424,9 @@ class RLHFPipeline:
     def _evaluate(self, inputs: dict[str, str], previous: dict[str, Any] | None = None) -> dict[str, Any]:
         """The SFT policy (baseline) against the final policy (PPO, GRPO or RLOO stage) on at most
         ``eval_prompts`` held-out prompts, judged by the reward model when the chain trained one and by the stage's
-        reward functions (``rlhf_lightning.evaluation``): writes ``evaluation/`` and returns the summary's
-        ``evaluation`` entry (the table and per-policy results). ``previous`` (the summary's entry) is kept when
-        ``evaluation.json`` is newer than the final stage's ``done.json``. A failure is reported, as
+        reward functions and held-out judges (``rlhf_lightning.evaluation``): writes ``evaluation/`` and returns the
+        summary's ``evaluation`` entry (the table and per-policy results). ``previous`` (the summary's entry) is kept
+        when ``evaluation.json`` is newer than the final stage's ``done.json``. A failure is reported, as
         ``{"error": ...}`` and on stdout, and never touches the trained checkpoints."""
         final = self.chain[-1]
         out, done = self.root / "evaluation", self.root / final / "done.json"
@@ -406,40 +437,26 @@ class RLHFPipeline:
         try:
             import torch
 
-            from rlhf_lightning.data.formats import PromptRow
-            from rlhf_lightning.evaluation import (
-                EvalArgs,
-                evaluate,
-                format_table,
-                read_prompts,
-                write_evaluation,
-            )
-            from rlhf_lightning.models.generation import GenerationArgs
+            from rlhf_lightning.evaluation import EvalArgs, evaluate, format_table, write_evaluation
 
-            n, c = self.config.eval_prompts, self.config
-            # the final stage's own data, sampling settings and reward functions
-            cli = self._cli(self.stage_config(final, inputs))
-            if c.ppo_val_path is not None:
-                prompts = read_prompts(c.ppo_val_path, n)
-            else:
-                cli.datamodule.setup("validate")
-                rows = cli.datamodule.val_dataset.rows[:n]
-                prompts = [
-                    PromptRow(r["prompt"], {k: v for k, v in r.items() if k != "prompt"}) for r in rows
-                ]
-            sampling = cli.model.generation
+            c = self.config
+            # the final stage's own data, sampling settings and reward functions: taken from its build when it ran
+            # just now, else from a new build of its config (no Trainer)
+            settings = self._eval_settings.pop(final, None) or self._settings_for_evaluation(
+                self._cli(self.stage_config(final, inputs), defer_trainer=True)
+            )
             cuda = c.device in ("cuda", "gpu") or (c.device == "auto" and torch.cuda.is_available())
             args = EvalArgs(
-                generation=GenerationArgs(sampling.max_new_tokens, temperature=sampling.temperature),
-                max_prompt_length=getattr(cli.datamodule, "max_prompt_length", 256),
+                generation=settings["generation"],
+                max_prompt_length=settings["max_prompt_length"],
                 device="cuda" if cuda else "cpu" if c.device in ("auto", "gpu") else c.device,
             )
             evaluation = evaluate(
                 [inputs[final]],
                 inputs["sft"],
-                prompts,
+                settings["prompts"],
                 reward_model=inputs.get("reward"),
-                functions=cli.model.rewards.functions,
+                functions=settings["functions"],
                 args=args,
                 names=[final],
                 prompts_source=c.ppo_val_path or f"the {final.upper()} stage's validation prompts",
@@ -451,6 +468,32 @@ class RLHFPipeline:
         table = format_table(evaluation.report)
         print(f"[pipeline] evaluation ({out}):\n{table}")
         return {"folder": str(out), "table": table, "policies": evaluation.report["policies"]}
+
+    def _settings_for_evaluation(self, cli) -> dict[str, Any]:
+        """What the closing evaluation takes from the final stage's build: its sampling settings, reward functions,
+        prompt length and prompts (``ppo_val_path``, else the DataModule's validation prompts); plain values, so
+        the build (and its networks) can be freed before evaluation loads the checkpoints."""
+        from rlhf_lightning.data.formats import PromptRow
+        from rlhf_lightning.evaluation import read_prompts
+        from rlhf_lightning.models.generation import GenerationArgs
+
+        n = self.config.eval_prompts
+        if self.config.ppo_val_path is not None:
+            prompts = read_prompts(self.config.ppo_val_path, n)
+        else:
+            cli.datamodule.setup("validate")
+            rows = cli.datamodule.val_dataset.rows[:n]
+            prompts = [PromptRow(r["prompt"], {k: v for k, v in r.items() if k != "prompt"}) for r in rows]
+        sampling = cli.model.generation
+        return {
+            "prompts": prompts,
+            "generation": GenerationArgs(sampling.max_new_tokens, temperature=sampling.temperature),
+            # the reward functions it optimised, then its held-out judges (never optimised)
+            "functions": list(
+                dict.fromkeys([*cli.model.rewards.functions, *getattr(cli.model, "judge_specs", [])])
+            ),
+            "max_prompt_length": getattr(cli.datamodule, "max_prompt_length", 256),
+        }
 
     def _archive(self, stage: str) -> Path:
         """Move a finished stage's folder aside (``<stage>.previous-<n>``) so that it can run again."""
@@ -476,12 +519,17 @@ class RLHFPipeline:
             )
         # copied before parsing, which edits the dict in place
         logged = {"stage_config": copy.deepcopy(config), "pipeline": asdict(self.config)}
-        cli = self._cli(config)
+        cli = self._stage_cli(stage, config)
         trainer, model, data = cli.trainer, cli.model, cli.datamodule
         for logger in trainer.loggers:  # the whole stage config, not only the module's hyper-parameters
             logger.log_hyperparams(logged)
         try:
             outcome = self._train(stage, folder, trainer, model, data, resume)
+            if stage == self.chain[-1] and stage in ONLINE_STAGES and self.config.eval_prompts:
+                # the closing evaluation reads these instead of building the stage again; should they fail, it
+                # builds the stage itself and reports the error
+                with contextlib.suppress(Exception):
+                    self._eval_settings[stage] = self._settings_for_evaluation(cli)
         finally:
             from rlhf_lightning.loggers import finish_wandb
 
@@ -555,6 +603,20 @@ def _follow_data(data_args: dict[str, Any], train_path: str, val_path: str | Non
         data_args["val_path"] = None
         if not data_args.get("val_fraction"):  # unset or 0 in the YAML
             data_args["val_fraction"] = 0.1
+
+
+def _takes(class_path: str, name: str) -> bool:
+    """Whether the class at ``class_path`` takes an argument ``name`` (or ``**kwargs``); False when it cannot be
+    imported (the stage CLI then reports the bad class path)."""
+    import inspect
+
+    from jsonargparse.typing import import_object
+
+    try:
+        parameters = inspect.signature(import_object(class_path)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return False
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def validation_source(data_args: dict[str, Any]) -> str:

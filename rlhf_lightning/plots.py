@@ -5,6 +5,7 @@
   validation accuracy;
 - ``ppo``: reward-model score, KL to the reference and response length per iteration (held-out ``val/*`` as dots);
 - ``grpo`` and ``rloo``: score, KL to the reference, response length and clip fraction per iteration;
+- ``ppo``, ``grpo``, ``rloo`` with held-out judges (``val/judge/<name>``): a panel of them next to the score;
 - ``dpo``: train and validation loss, pair accuracy, margin and the implicit rewards of chosen and rejected replies.
 
 ``save_evaluation_plot`` draws an ``rlhf-lightning evaluate`` report (win rate with its interval, judge scores, KL,
@@ -59,6 +60,10 @@ PANELS["grpo"] = PANELS["rloo"] = [
     *PANELS["ppo"][1:],
     ("clip fraction", [("grpo/clipfrac", "update")]),
 ]
+# PPO's and GRPO's held-out judges (``val/judge/<name>``): a panel of their own beside the score panel, so a score
+# that rises while a judge falls (over-optimisation) shows at a glance
+JUDGE_PREFIX = "val/judge/"
+JUDGES_PANEL = "held-out judges (not optimised)"
 # per-batch accuracies: drawn faint, with a smoothed line on top
 SMOOTHED: frozenset[str] = frozenset({"reward/accuracy", "train/accuracy"})
 SMOOTH_WINDOW_FRACTION = 0.2  # the moving-average window: a fifth of the logged points, at least 3
@@ -113,6 +118,11 @@ def plot_stage(stage: str, metrics: dict[str, Series], title: str | None = None)
     from matplotlib.ticker import MaxNLocator
 
     panels = [(name, [c for c in curves if c[0] in metrics]) for name, curves in PANELS[stage]]
+    judges = [
+        (key, key.removeprefix(JUDGE_PREFIX)) for key in sorted(metrics) if key.startswith(JUDGE_PREFIX)
+    ]
+    if judges:  # held-out judges (PPO/GRPO ``judges``), right after the optimised score they keep an eye on
+        panels.insert(1, (JUDGES_PANEL, judges))
     panels = [(name, curves) for name, curves in panels if curves]
     if not panels:
         return None
@@ -221,10 +231,17 @@ def plot_evaluation(report: dict[str, Any]) -> Any:
         ax.grid(alpha=0.3, axis="y")
         if groups > 1:
             ax.legend(fontsize="small")
-    fig.suptitle(
-        f"evaluation on {report.get('n_prompts', '?')} prompts (baseline {report.get('baseline', '?')})"
-    )
+    baseline = _shown_path(str(report.get("baseline", "?")))
+    fig.suptitle(f"evaluation on {report.get('n_prompts', '?')} prompts (baseline {baseline})")
     return fig
+
+
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working folder when it lies inside it (a shorter title, free of machine paths)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:  # elsewhere: shown as it is
+        return path
 
 
 def save_evaluation_plot(report: dict[str, Any], out: str | Path) -> Path | None:

@@ -212,7 +212,11 @@ class LoggedSaveConfigCallback(SaveConfigCallback):
 class RLHFLightningCLI(LightningCLI):
     """LightningCLI with the suite's defaults (see the module docstring)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, defer_trainer: bool = False, **kwargs) -> None:
+        """``defer_trainer=True`` (``run=False`` only): parse the config and build the DataModule and the
+        LightningModule (whose networks are built later, in ``configure_model``), but neither seed nor build the
+        Trainer: a silent, cheap check of a config. :meth:`build_trainer` finishes the same build when it runs."""
+        self._defer_trainer = defer_trainer
         kwargs.setdefault("save_config_callback", LoggedSaveConfigCallback)
         defaults = dict(kwargs.get("trainer_defaults") or {})
         # the DataModules' batch samplers shard by rank themselves (data/sampling.py): Lightning must not replace them
@@ -267,7 +271,21 @@ class RLHFLightningCLI(LightningCLI):
             f"support it: {', '.join(able) or 'none'}"
         )
 
+    def _set_seed(self) -> None:
+        if not self._defer_trainer:  # deferred: seeded by build_trainer, right before the Trainer is built
+            super()._set_seed()
+
+    def build_trainer(self):
+        """Seed and build the Trainer of a ``defer_trainer=True`` build (a no-op once it exists); returns it."""
+        if self._defer_trainer:
+            self._defer_trainer = False
+            self._set_seed()
+            self.trainer = self.instantiate_trainer()
+        return self.trainer
+
     def instantiate_trainer(self, **kwargs):
+        if self._defer_trainer:
+            return None  # LightningCLI.instantiate_classes stores it as .trainer; build_trainer makes the real one
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         if not config["trainer"].get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])

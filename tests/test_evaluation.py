@@ -81,6 +81,44 @@ def test_bootstrap_ci_covers_the_true_win_rate_about_95_percent_of_the_time(p: f
     assert 0.9 <= covered / 200 <= 0.99
 
 
+def _report(win: tuple[float, float, float], kl: tuple[float, float]) -> dict:
+    score = {"mean": 0.0, "std": 1.0}
+    policy = {
+        "name": "ppo",
+        "scores": {"reward_model": score},
+        "win_rate": {"reward_model": dict(zip(("win_rate", "ci_low", "ci_high"), win))},
+        "kl": dict(zip(("k1", "k3"), kl)),
+        "response_tokens": 20.0,
+        "eos_rate": 0.5,
+    }
+    baseline = {
+        **policy,
+        "name": "baseline",
+        "is_baseline": True,
+        "win_rate": {},
+        "kl": {"k1": 0.0, "k3": 0.0},
+    }
+    return {
+        "judges": ["reward_model"],
+        "bootstrap": {"confidence": 0.95},
+        "n_with_answer": 0,
+        "n_prompts": 26,
+        "baseline": "sft.ckpt",
+        "reference": "sft.ckpt",
+        "policies": [baseline, policy],
+    }
+
+
+def test_table_says_in_words_when_a_result_is_no_difference_or_a_negative_kl_is_noise() -> None:
+    """The tiny PPO run's reading: win rate 0.462 [0.269, 0.654] and KL k1 -0.182 (k3 0.020) get a word why."""
+    table = format_table(_report((0.462, 0.269, 0.654), (-0.182, 0.020)))
+    assert "ppo: no measurable difference from the baseline under reward_model" in table
+    assert "[0.269, 0.654] contains 0.5" in table
+    assert "ppo: KL k1 -0.182 < 0 is sampling noise" in table and "k3, never negative, is 0.020" in table
+    clear = format_table(_report((0.885, 0.812, 0.958), (5.163, 4.197)))
+    assert "no measurable difference" not in clear and "sampling noise" not in clear
+
+
 # -- checkpoints ---------------------------------------------------------------------------------------------------------
 def _fit_sft(root: Path, tokenizer_path: str, steps: int, **kwargs) -> str:
     torch.manual_seed(0)

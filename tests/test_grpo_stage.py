@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from test_ppo_checklist import reward_checkpoint  # noqa: F401 (module-scoped fixture)
 from test_ppo_stage import _prompt_module, _Recorder, sft_checkpoint  # noqa: F401 (module-scoped fixture)
 from trainers import quiet_trainer  # tests/ is on sys.path under pytest
 
@@ -194,3 +195,52 @@ def test_resume_continues_as_if_uninterrupted(sft_checkpoint, tiny_tokenizer, tm
 def test_invalid_grpo_arguments_are_named(bad):
     with pytest.raises(ValueError, match=f"invalid GRPO arguments: {next(iter(bad))}="):
         GRPOArgs(**bad)
+
+
+def test_held_out_judges_are_logged_beside_the_score(sft_checkpoint, tiny_tokenizer, tmp_path):  # noqa: F811
+    """``judges`` score the same validation replies as the optimised reward, under ``val/judge/<name>``."""
+    from rlhf_lightning.stages.rewards import RewardArgs
+
+    judges = ["rlhf_lightning.reward_functions:brevity", "rlhf_lightning.reward_functions:contains_target"]
+    module = GRPOModule(
+        policy_from=sft_checkpoint,
+        tokenizer_path=tiny_tokenizer.source,
+        rewards=RewardArgs(**BREVITY),
+        generation=GenerationArgs(max_new_tokens=16),
+        judges=judges,
+    )
+    trainer = quiet_trainer(tmp_path, limit_val_batches=1)
+    (metrics,) = trainer.validate(module, datamodule=_prompt_module(tiny_tokenizer.source, batch_size=8))
+    # the optimised reward is brevity alone: its unshaped score and the brevity judge see the same replies
+    assert metrics["val/judge/brevity"] == pytest.approx(metrics["val/score_normalised"], abs=1e-6)
+    assert 0.0 <= metrics["val/judge/contains_target"] <= 1.0
+    with pytest.raises(ValueError, match=r"more than one judge named \['brevity'\]"):
+        GRPOModule(policy_from=sft_checkpoint, judges=[judges[0], "my_rules:brevity"])
+
+
+def test_a_held_out_reward_model_judges_outside_the_checkpoint(
+    sft_checkpoint,  # noqa: F811
+    reward_checkpoint,  # noqa: F811
+    tiny_tokenizer,
+    tmp_path,
+):
+    """A reward checkpoint in ``judge_models`` scores the validation replies with its stored normalisation (here the
+    optimised reward model itself, so both agree), and stays out of the stage's state and checkpoints."""
+    from rlhf_lightning.stages.rewards import RewardArgs
+
+    module = GRPOModule(
+        policy_from=sft_checkpoint,
+        reward_from=reward_checkpoint,
+        tokenizer_path=tiny_tokenizer.source,
+        rewards=RewardArgs(clip=None, missing_eos_score=None),
+        generation=GenerationArgs(max_new_tokens=16),
+        judge_models=[reward_checkpoint],
+    )
+    trainer = quiet_trainer(tmp_path, limit_val_batches=1)
+    (metrics,) = trainer.validate(module, datamodule=_prompt_module(tiny_tokenizer.source, batch_size=8))
+    assert metrics["val/judge/reward"] == pytest.approx(metrics["val/score_normalised"], abs=1e-5)
+    assert not [
+        key for key in module.state_dict() if not key.startswith(("policy.", "reference.", "reward_model."))
+    ]
+    with pytest.raises(FileNotFoundError, match="judge_models"):
+        GRPOModule(policy_from=sft_checkpoint, judge_models=[str(tmp_path / "missing.ckpt")])

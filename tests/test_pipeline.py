@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -173,3 +174,52 @@ def test_every_pipeline_config_builds_its_three_stage_configs(path, tmp_path, mo
             == {"sft": "SFTModule", "reward": "RewardModule", "ppo": "PPOModule"}[stage]
         )
         assert cli.trainer.max_epochs is not None or cli.trainer.max_steps > 0
+
+
+def test_each_stage_is_set_up_once(tmp_path, monkeypatch):
+    """Validation builds no Trainer and sets no seed; the first stage runs on the build its validation made, later
+    stages (whose configs name an earlier checkpoint) build once more (their LightningModule objects only: networks
+    are built in configure_model), and the closing evaluation reuses the final stage's settings: one Trainer, one
+    seed and one network build per stage."""
+    import lightning.pytorch.cli as lightning_cli
+    from lightning.pytorch import Trainer
+
+    from rlhf_lightning.stages.grpo import GRPOModule
+    from rlhf_lightning.stages.sft import SFTModule
+
+    trainers: list[str] = []
+    modules: list[str] = []
+    seeds: list[int] = []
+    trainer_init = Trainer.__init__
+
+    @functools.wraps(trainer_init)  # the CLI reads the signature
+    def count_trainer(self, *args, **kwargs):
+        trainers.append(Path(kwargs["default_root_dir"]).name)
+        trainer_init(self, *args, **kwargs)
+
+    def spy(cls, method: str, calls: list[str]):
+        original = getattr(cls, method)
+
+        @functools.wraps(original)  # the CLI reads __init__'s signature
+        def counted(self, *args, **kwargs):
+            calls.append(cls.__name__)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, counted)
+
+    monkeypatch.setattr(Trainer, "__init__", count_trainer)
+    seed = lightning_cli.seed_everything
+    monkeypatch.setattr(
+        lightning_cli, "seed_everything", lambda *a, **k: seeds.append(seed(*a, **k)) or seeds[-1]
+    )
+    for cls in (SFTModule, GRPOModule):
+        spy(cls, "__init__", modules)
+    monkeypatch.chdir(REPO)
+    config = _tiny_config(tmp_path / "run", algorithm="grpo", sft_epochs=1, ppo_iterations=2, eval_prompts=4)
+    config.logger = "csv"
+    summary = RLHFPipeline(config).run()
+    assert list(summary["stages"]) == ["sft", "grpo"] and "error" not in summary["evaluation"]
+    assert trainers == ["sft", "grpo"]  # none for validation, none for the evaluation
+    assert len(seeds) == 2  # one "Seed set to ..." per stage
+    # SFT: the validated build runs; GRPO: checked with a placeholder checkpoint, then built with the real one
+    assert modules == ["SFTModule", "GRPOModule", "GRPOModule"]

@@ -1,5 +1,6 @@
 """The pipeline's bookkeeping: validation data that follows the user's files, 'before' = the SFT policy, rerunning
-named stages, the bare --overwrite flag and a tokenizer that follows save_dir. No stage trains here (fast)."""
+named stages, the bare --overwrite flag, a tokenizer that follows save_dir and a user's own DataModule. No stage
+trains here (fast)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from lightning.pytorch import LightningDataModule
 
 from rlhf_lightning import pipeline as pipeline_module
 from rlhf_lightning.pipeline import STAGES, RLHFConfig, RLHFPipeline
@@ -139,3 +141,60 @@ def test_overwrite_is_a_bare_flag(monkeypatch):
     pipeline_module.main([])
     pipeline_module.main(["--stages", "ppo"])
     assert seen == [(True, False), (False, False), (False, True)]
+
+
+class UserSFTData(LightningDataModule):
+    """A user's own DataModule: takes the train file and the run's tokenizer."""
+
+    def __init__(self, train_path: str = "", tokenizer_path: str = "", batch_size: int = 2) -> None:
+        super().__init__()
+        self.train_path, self.tokenizer_path, self.batch_size = train_path, tokenizer_path, batch_size
+
+
+class UserSFTDataNoTokenizer(LightningDataModule):
+    def __init__(self, train_path: str = "") -> None:
+        super().__init__()
+        self.train_path = train_path
+
+
+def test_a_users_datamodule_gets_the_train_file_and_the_runs_tokenizer(tmp_path):
+    config = RLHFConfig(sft_data_path=str(tmp_path / "mine.jsonl"), save_dir=str(tmp_path / "run"))
+    own = {"class_path": f"{__name__}.UserSFTData", "init_args": {"batch_size": 4}}
+    pipe = RLHFPipeline(config, datamodules={"sft": own})
+    data = pipe.stage_config("sft", {})["data"]
+    assert data["class_path"] == own["class_path"]
+    assert data["init_args"] == {
+        "batch_size": 4,
+        "train_path": str(tmp_path / "mine.jsonl"),
+        "tokenizer_path": str(tmp_path / "run" / "tokenizer.json"),  # the class takes one: the run's
+    }
+    cli = pipe._cli(pipe.stage_config("sft", {}), defer_trainer=True)
+    assert isinstance(cli.datamodule, UserSFTData) and cli.datamodule.batch_size == 4 and cli.trainer is None
+    bare = {"class_path": f"{__name__}.UserSFTDataNoTokenizer"}
+    data = RLHFPipeline(config, datamodules={"sft": bare}).stage_config("sft", {})["data"]
+    assert data["init_args"] == {"train_path": str(tmp_path / "mine.jsonl")}  # no argument it cannot take
+
+
+def test_closing_evaluation_judges_with_the_stages_rewards_and_held_out_judges(tmp_path):
+    from types import SimpleNamespace
+
+    from rlhf_lightning.models.generation import GenerationArgs
+
+    prompts = tmp_path / "val.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n{"prompt": "Hello"}\n', encoding="utf-8")
+    pipe = RLHFPipeline(RLHFConfig(save_dir=str(tmp_path / "run"), ppo_val_path=str(prompts), eval_prompts=1))
+    brevity, target = (
+        "rlhf_lightning.reward_functions:brevity",
+        "rlhf_lightning.reward_functions:contains_target",
+    )
+    model = SimpleNamespace(
+        rewards=SimpleNamespace(functions=[brevity]),
+        judge_specs=[brevity, target],  # a judge that is also optimised is judged once
+        generation=GenerationArgs(max_new_tokens=7, temperature=0.5),
+    )
+    settings = pipe._settings_for_evaluation(SimpleNamespace(model=model, datamodule=SimpleNamespace()))
+    assert settings["functions"] == [brevity, target]
+    assert [p.messages[-1]["content"] for p in settings["prompts"]] == ["Hi"]
+    assert (
+        settings["generation"] == GenerationArgs(7, temperature=0.5) and settings["max_prompt_length"] == 256
+    )

@@ -135,3 +135,57 @@ def test_reward_config_validates_more_than_twice(repo_root: Path) -> None:
         "val_check_interval"
     ]
     assert isinstance(interval, float) and 1 / interval > 2
+
+
+@pytest.mark.parametrize("stage, score_panel", [("ppo", "reward-model score"), ("grpo", "score")])
+def test_held_out_judges_get_a_panel_beside_the_score(tmp_path: Path, stage: str, score_panel: str) -> None:
+    pytest.importorskip("matplotlib")
+    from rlhf_lightning.plots import JUDGES_PANEL, plot_stage
+
+    keys = ["rollout/score_mean", "val/score", "val/judge/brevity", "val/judge/contains_target", "rollout/kl"]
+    _write_metrics(tmp_path / "metrics.csv", keys, 6)
+    fig = plot_stage(stage, read_metrics(tmp_path / "metrics.csv"))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:3] == [score_panel, JUDGES_PANEL, "KL to reference"]
+    judges = fig.axes[1]
+    assert [line.get_label() for line in judges.get_lines()] == [
+        "brevity (val/judge/brevity)",
+        "contains_target (val/judge/contains_target)",
+    ]
+    _write_metrics(tmp_path / "plain.csv", ["rollout/score_mean", "val/score", "rollout/kl"], 6)
+    assert JUDGES_PANEL not in [
+        ax.get_title() for ax in plot_stage(stage, read_metrics(tmp_path / "plain.csv")).axes
+    ]
+
+
+def test_evaluation_chart_names_the_baseline_relative_to_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    from rlhf_lightning.plots import plot_evaluation
+
+    def report(baseline: str) -> dict:
+        score = {"mean": 0.5, "std": 0.1}
+        win = {"win_rate": 0.6, "ci_low": 0.5, "ci_high": 0.7}
+        policies = [
+            {
+                "name": "baseline",
+                "is_baseline": True,
+                "scores": {"j": score},
+                "kl": None,
+                "response_tokens": 9.0,
+            },
+            {
+                "name": "ppo",
+                "scores": {"j": score},
+                "win_rate": {"j": win},
+                "kl": None,
+                "response_tokens": 7.0,
+            },
+        ]
+        return {"n_prompts": 4, "baseline": baseline, "judges": ["j"], "policies": policies}
+
+    monkeypatch.chdir(tmp_path)
+    inside = plot_evaluation(report(str(tmp_path / "run" / "sft" / "best.ckpt")))
+    assert inside.get_suptitle() == "evaluation on 4 prompts (baseline run/sft/best.ckpt)"
+    assert "/elsewhere/sft.ckpt" in plot_evaluation(report("/elsewhere/sft.ckpt")).get_suptitle()

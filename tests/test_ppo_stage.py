@@ -223,3 +223,20 @@ def test_rollout_explained_variance_is_the_critics_fit_on_the_fresh_rollout():
     assert ev(noisy) == pytest.approx(expected, rel=1e-5)
     flat = SimpleNamespace(returns=torch.ones(2, 3), values=torch.zeros(2, 3), response_mask=mask)
     assert float(rollout_explained_variance(flat)) == 0.0
+
+
+def test_held_out_judges_are_logged_beside_the_score(sft_checkpoint, tiny_tokenizer, tmp_path):
+    """``judges`` score the same validation replies as the optimised reward, under ``val/judge/<name>``."""
+    module = _ppo(
+        sft_checkpoint,
+        tiny_tokenizer.source,
+        rewards=RewardArgs(
+            model_weight=0.0, functions=["rlhf_lightning.reward_functions:brevity"], clip=None
+        ),
+        judges=["rlhf_lightning.reward_functions:brevity", "rlhf_lightning.reward_functions:contains_target"],
+    )
+    (metrics,) = _trainer(tmp_path, limit_val_batches=1).validate(
+        module, datamodule=_prompt_module(tiny_tokenizer.source, batch_size=8)
+    )
+    assert metrics["val/judge/brevity"] == pytest.approx(metrics["val/score_normalised"], abs=1e-6)
+    assert 0.0 <= metrics["val/judge/contains_target"] <= 1.0

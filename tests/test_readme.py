@@ -62,3 +62,29 @@ def test_readme_command_parses(command: str, monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises((_Parsed, SystemExit)) as stopped:  # --print_config prints and exits 0 after parsing
         main(argv[1:])
     assert stopped.type is _Parsed or stopped.value.code == 0
+
+
+def readme_scripts() -> list[str]:
+    """The repository scripts the README tells a reader to run: named in its code blocks, or in inline code that
+    starts with ``python`` (a script named only as the source of a figure is not a command)."""
+    text = (REPO / "README.md").read_text()
+    blocks = "\n".join(re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M))
+    named = re.findall(r"(?:^|\s)((?:scripts|benchmarks)/[\w./-]*\w)", blocks, flags=re.M)
+    named += re.findall(r"`python ((?:scripts|benchmarks)/[\w./-]*\w)", text)
+    return sorted(set(named))
+
+
+def test_readme_scripts_exist_and_a_test_runs_each() -> None:
+    """Commands other than ``rlhf-lightning ...`` name a script that exists and that a test runs (``scripts/test``
+    is the test command itself)."""
+    scripts = readme_scripts()
+    assert {"scripts/run_notebook.py", "benchmarks/vs_trl.py", "benchmarks/smollm2_pipeline.py"} <= set(
+        scripts
+    )
+    tests = "".join(
+        path.read_text() for path in (REPO / "tests").glob("test_*.py") if path.name != "test_readme.py"
+    )
+    for script in scripts:
+        assert (REPO / script).is_file(), f"README names {script}, which does not exist"
+        if script != "scripts/test":
+            assert Path(script).name in tests, f"no test runs {script}, which the README tells readers to run"

@@ -157,6 +157,11 @@ class GRPOModule(LightningModule):
         sample_every_n: log a table of prompts, responses and scores every this many iterations (0 = never).
         eval_max_prompts: held-out prompts scored per validation run (one reply each).
         seed: seed of the sampling and shuffling generator (offset by the data-parallel rank).
+        judges: held-out judges, reward functions ``"package.module:function"`` scored on the validation replies and
+            logged as ``val/judge/<name>`` beside ``val/score`` (and plotted next to it), never optimised: the
+            optimised score rising while a judge falls is the mark of over-optimisation.
+        judge_models: held-out reward models (reward checkpoints or stage folders, e.g. one trained on other
+            preference data) judging the same way, as ``val/judge/<file or folder name>`` (``online.HeldOutJudges``).
     """
 
     def __init__(
@@ -171,10 +176,14 @@ class GRPOModule(LightningModule):
         sample_every_n: int = 10,
         eval_max_prompts: int = 64,
         seed: int = 0,
+        judges: list[str] | None = None,
+        judge_models: list[str] | None = None,
     ) -> None:
         super().__init__()
         for spec in rewards.functions:  # a bad "module:function" fails here, before any training
             load_reward_function(spec)
+        self.judge_specs = list(judges or [])
+        self.judges = online.HeldOutJudges(self.judge_specs, judge_models or [])
         online.check_full_distribution(generation, "GRPO")
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False
@@ -200,6 +209,7 @@ class GRPOModule(LightningModule):
         self.scorer = SequenceScorer(
             self.rewards, self.reward_model, reward_tokenizer=nets.reward_tokenizer, reduce=all_reduce_sum
         )
+        self.judges.load_models(self.tokenizer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         online.drop_frozen(checkpoint, FROZEN_PREFIXES)
@@ -335,6 +345,7 @@ class GRPOModule(LightningModule):
         generator = torch.Generator(device=self.device).manual_seed(self.seed + batch_idx)
         rollout, _ = self._sample(batch, generator=generator, update_running_stats=False)
         log_validation(self, rollout)
+        self.judges.log(self, batch, rollout)
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.policy.parameters())

@@ -12,6 +12,9 @@
 - :func:`check_precision` and :func:`check_full_distribution`: settings the stages refuse with one clear error,
 - :func:`repeat_prompts`, :func:`group_rollout_metrics`, :func:`log_validation`: group sampling (a group stays on the
   rank that loaded its prompt) and what a critic-free stage logs (global over data-parallel ranks),
+- :class:`HeldOutJudges`: reward functions and reward models scored on the validation replies beside the optimised
+  score but never optimised (``val/judge/<name>``): the optimised score rising while a judge falls is the mark of
+  over-optimisation, the policy exploiting its reward,
 - :func:`drop_frozen` / :func:`restore_frozen`: checkpoints hold no frozen network (reference, reward model); they are
   rebuilt from ``policy_from`` / ``reward_from`` and put back before strict loading.
 """
@@ -19,9 +22,10 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +39,7 @@ from rlhf_lightning.distributed import (
 )
 from rlhf_lightning.functional.kl import kl_k1, kl_k3
 from rlhf_lightning.stages.ppo_metrics import sequence_kl
+from rlhf_lightning.stages.rewards import RewardFunction, load_reward_function
 from rlhf_lightning.types import PromptBatch, Rollout
 
 # Expected in these stages, so not worth a warning on every run: checkpoints hold the state AFTER each iteration's
@@ -182,6 +187,78 @@ def group_rollout_metrics(rollout: Rollout, group_size: int) -> dict[str, torch.
         "rollout/response_len": global_mean(mask.sum(1).float()),
         "rollout/eos_rate": global_mean(rollout.ended_with_eos.float()),
     }
+
+
+class HeldOutJudges:
+    """An online stage's held-out judges: reward functions ``"package.module:function"`` and reward models (reward
+    checkpoint files or stage folders) that score every validation reply beside the optimised score but are never
+    optimised. Each is logged as ``val/judge/<name>``: the function's name, or the checkpoint's file or folder name
+    (a reward model's score normalised by the statistics stored with it, as PPO sees its own reward model's).
+
+    Built with the stage: a bad function spec, a missing checkpoint or two judges of one name fail then, before any
+    training. The reward models load in :meth:`load_models` (the stage's ``configure_model``) and are kept outside the
+    module's state, so checkpoints never hold them.
+    """
+
+    def __init__(self, functions: Sequence[str] = (), models: Sequence[str] = ()) -> None:
+        missing = [str(path) for path in models if not Path(path).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"judge_models: {missing} not found; expected reward checkpoints or stage folders"
+            )
+        function_names = [spec.rsplit(":", 1)[-1] for spec in functions]
+        model_names = [Path(path).stem if Path(path).is_file() else Path(path).name for path in models]
+        names = function_names + model_names
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"judges: more than one judge named {repeated}; expected one judge per name")
+        self.functions: dict[str, RewardFunction] = {
+            name: load_reward_function(spec) for name, spec in zip(function_names, functions)
+        }
+        self.model_paths = {name: str(path) for name, path in zip(model_names, models)}
+        self.scorers: dict[str, Any] = {}
+
+    def load_models(self, policy_tokenizer: Any, trust_remote_code: bool = False) -> None:
+        """Load the reward-model judges (once), each with its own tokenizer when it differs from the policy's."""
+        from rlhf_lightning.stages.reward import load_reward_model
+        from rlhf_lightning.stages.rewards import RewardArgs, SequenceScorer
+        from rlhf_lightning.stages.tokenizer_link import same_tokenizer
+
+        # its stored normalisation, nothing else: no clipping, no penalty for a reply without EOS
+        args = RewardArgs(clip=None, missing_eos_score=None, calibration_samples=0)
+        for name, path in self.model_paths.items():
+            if name in self.scorers:
+                continue
+            model, tokenizer = load_reward_model(path, trust_remote_code=trust_remote_code)
+            model.requires_grad_(False)
+            other = (
+                tokenizer
+                if tokenizer is not None and not same_tokenizer(policy_tokenizer, tokenizer)
+                else None
+            )
+            self.scorers[name] = SequenceScorer(args, model, reward_tokenizer=other)
+
+    def log(self, module: Any, batch: PromptBatch, rollout: Rollout, sync_dist: bool = False) -> None:
+        """Log each judge's mean score of the validation replies ``rollout`` to ``batch`` as ``val/judge/<name>``;
+        functions are called as the optimised ones are, ``fn(prompt, reply, row)``."""
+        rows = list(batch.rows) if batch.rows else [{} for _ in rollout.texts]
+        prompts = [list(row.get("prompt", [])) for row in rows]
+        device = rollout.scores.device
+        scores = {}
+        for name, fn in self.functions.items():
+            values = [
+                float(fn(prompt, text, dict(row))) for prompt, text, row in zip(prompts, rollout.texts, rows)
+            ]
+            scores[name] = torch.tensor(values, device=device)
+        if self.model_paths:
+            mask = torch.cat([rollout.query_mask, rollout.response_mask], dim=1)
+            for name, scorer in self.scorers.items():
+                scorer.reward_model.to(device)
+                scores[name] = scorer.raw_scores(rollout.sequences, mask, prompts, rollout.texts, rows)
+        for name, values in scores.items():
+            module.log(
+                f"val/judge/{name}", values.float().mean(), batch_size=len(values), sync_dist=sync_dist
+            )
 
 
 def log_validation(module: Any, rollout: Rollout) -> None:

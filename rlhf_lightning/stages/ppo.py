@@ -70,6 +70,7 @@ from rlhf_lightning.models.factory import model_spec
 from rlhf_lightning.models.generation import GenerationArgs
 from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY
 from rlhf_lightning.stages.online import (
+    HeldOutJudges,
     backward_unsynced,
     check_full_distribution,
     check_precision,
@@ -193,6 +194,11 @@ class PPOModule(LightningModule):
         seed: seed of the sampling and shuffling generator (offset by the data-parallel rank).
         trust_remote_code: allow Hugging Face backbones that need their folder's own modelling code (only for
             folders you trust; a value stored in a checkpoint is never used).
+        judges: held-out judges, reward functions ``"package.module:function"`` scored on the validation replies and
+            logged as ``val/judge/<name>`` beside ``val/score`` (and plotted next to it), never optimised: the
+            optimised score rising while a judge falls is the mark of over-optimisation.
+        judge_models: held-out reward models (reward checkpoints or stage folders, e.g. one trained on other
+            preference data) judging the same way, as ``val/judge/<file or folder name>`` (``online.HeldOutJudges``).
     """
 
     def __init__(
@@ -211,10 +217,14 @@ class PPOModule(LightningModule):
         eval_max_prompts: int = 64,
         seed: int = 0,
         trust_remote_code: bool = False,
+        judges: list[str] | None = None,
+        judge_models: list[str] | None = None,
     ) -> None:
         super().__init__()
         for spec in rewards.functions:  # a bad "module:function" fails here, before any training
             load_reward_function(spec)
+        self.judge_specs = list(judges or [])
+        self.judges = HeldOutJudges(self.judge_specs, judge_models or [])
         check_full_distribution(generation, "PPO")
         self.save_hyperparameters(ignore=["policy_optimizer", "value_optimizer"])
         self.automatic_optimization = False
@@ -259,6 +269,7 @@ class PPOModule(LightningModule):
             self.rewards, self.reward_model, reward_tokenizer=nets.reward_tokenizer, reduce=all_reduce_sum
         )
         self._critic_from_reward_head = nets.critic_from_reward_head
+        self.judges.load_models(self.tokenizer, self.trust_remote_code)
         if self.score_stats is not None:  # restored from a checkpoint before the networks were built
             self.reward_model.set_score_stats(self.score_stats.mean, self.score_stats.std)
 
@@ -534,6 +545,7 @@ class PPOModule(LightningModule):
         self.log("val/kl", sequence_kl(kl_k1, rollout).mean(), batch_size=n, sync_dist=True)
         self.log("val/response_len", mask.sum(1).float().mean(), batch_size=n, sync_dist=True)
         self.log("val/eos_rate", rollout.ended_with_eos.float().mean(), batch_size=n, sync_dist=True)
+        self.judges.log(self, batch, rollout, sync_dist=True)
 
     # -- optimisation ----------------------------------------------------------------------------------------------
     def configure_optimizers(self):
