@@ -68,9 +68,8 @@ def iteration_metrics(
     # over every rank's replies / valid tokens (one process holding the whole rollout logs the same): sync_dist's
     # mean of per-rank values is not a global std, nor a token mean when ranks hold different numbers of tokens
     advantages = global_masked_moments(rollout.advantages, mask)
-    raw = global_masked_moments(
-        rollout.returns - rollout.values, mask
-    )  # before whitening: the GAE advantages
+    # before whitening: returns - values = the GAE advantages themselves
+    raw = global_masked_moments(rollout.returns - rollout.values, mask)
     returns = global_masked_moments(rollout.returns, mask)
     total = timings.generation + timings.scoring + train_time
     metrics = {
