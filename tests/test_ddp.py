@@ -24,6 +24,7 @@ from rlhf_lightning.distributed import (
     average_gradients,
     global_masked_moments,
     global_mean,
+    global_weighted_means,
     token_mean_scale,
 )
 from rlhf_lightning.functional.advantages import RunningMoments
@@ -151,6 +152,14 @@ def _on_rank(rank: int) -> dict[str, torch.Tensor]:
     result = _statistics(part)
     result["token_mean_grad"] = _token_mean_gradient(part["mask"])
     result.update({f"ppo:{k}": v for k, v in _ppo_metrics(slice(rank * B, (rank + 1) * B)).items()})
+    # per-rank means over 3 and 1 items (DPO's pair counts in a short batch), then over 2 and 0
+    local = {"a": torch.tensor([1.0, 4.0][rank]), "b": torch.tensor([2.0, -1.0][rank], dtype=torch.float64)}
+    for name, weights in (("uneven", (3, 1)), ("empty", (2, 0))):
+        means, total = global_weighted_means(local, weights[rank])
+        result[f"weighted:{name}"] = torch.stack([means["a"].double(), means["b"], total])
+        result[f"weighted:{name}:dtypes"] = torch.tensor(
+            [means["a"].dtype == torch.float32, means["b"].dtype == torch.float64]
+        )
     # per-rank generators: seeded apart, gathered as on_save_checkpoint gathers them, restored as on load
     generator = torch.Generator().manual_seed(rank_seed(0, rank))
     torch.rand(3, generator=generator)
@@ -209,6 +218,15 @@ def test_ppo_logs_the_rollout_stds_and_token_means_of_one_process_holding_every_
     local = _ppo_metrics(slice(0, B))
     for key in ("rollout/score_std", "rollout/advantage_std", "rollout/advantage_raw_std"):
         assert not torch.allclose(local[key], one[key]), key
+
+
+def test_weighted_means_count_every_ranks_items_not_every_rank(two_ranks):
+    for rank in two_ranks:
+        torch.testing.assert_close(
+            rank["weighted:uneven"], torch.tensor([7 / 4, 5 / 4, 4.0], dtype=torch.float64)
+        )
+        torch.testing.assert_close(rank["weighted:empty"], torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64))
+        assert rank["weighted:uneven:dtypes"].all()  # each mean keeps its input's dtype
 
 
 def test_ppo_update_is_the_token_mean_over_every_ranks_tokens(two_ranks):
