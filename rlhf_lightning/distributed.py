@@ -27,6 +27,7 @@ __all__ = [
     "global_masked_moments",
     "global_mean",
     "global_rank",
+    "global_weighted_means",
     "no_backward_sync",
     "world_size",
 ]
@@ -79,6 +80,22 @@ def global_mean(x: Tensor) -> Tensor:
         torch.stack([x.detach().double().sum(), x.new_tensor(x.numel(), dtype=torch.float64)])
     )
     return (sums[0] / sums[1].clamp_min(1)).to(x.dtype if x.is_floating_point() else torch.float32)
+
+
+def global_weighted_means(means: dict[str, Tensor], weight: int) -> tuple[dict[str, Tensor], Tensor]:
+    """``(global means, total weight)``: each scalar of ``means`` (this rank's mean over ``weight`` items, e.g.
+    pairs) averaged over every rank's items, in one all-reduce; the total weight is float64. Ranks may hold different
+    numbers of items (a mean of per-rank means would weight an item on a small rank more). Every rank must pass the
+    same keys in the same order."""
+    values = list(means.values())
+    device = values[0].device if values else torch.device("cpu")
+    local = torch.stack(
+        [torch.tensor(float(weight), dtype=torch.float64, device=device)]
+        + [v.detach().double().reshape(()) * weight for v in values]
+    )
+    total, *sums = all_reduce_sum(local).unbind()
+    out = {k: (s / total.clamp_min(1)).to(v.dtype) for (k, v), s in zip(means.items(), sums)}
+    return out, total
 
 
 def global_masked_moments(

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,13 +24,16 @@ from rlhf_lightning.distributed import (
     average_gradients,
     global_masked_moments,
     global_mean,
+    global_weighted_means,
     token_mean_scale,
 )
 from rlhf_lightning.functional.advantages import RunningMoments
 from rlhf_lightning.functional.kl import AdaptiveKLController, kl_k1
 from rlhf_lightning.functional.masked import masked_sum
 from rlhf_lightning.stages.online import generator_payload, rank_seed, restore_generator
+from rlhf_lightning.stages.ppo_metrics import iteration_metrics
 from rlhf_lightning.stages.rollout import rewards_and_advantages
+from rlhf_lightning.types import Rollout
 
 REPO = Path(__file__).resolve().parents[1]
 B, R = 4, 5  # rows per rank, response length
@@ -94,6 +98,34 @@ def _token_mean_gradient(mask: torch.Tensor, micro: int = 3) -> torch.Tensor:
     return w.grad.detach().clone()
 
 
+def _ppo_metrics(rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+    """PPO's logged ``rollout/*`` metrics of the ``rows`` of a rollout built from :func:`_batch` (uneven tokens)."""
+    g = torch.Generator().manual_seed(2)
+    whole = {**_batch(), "returns": torch.randn(2 * B, R, generator=g) * 2 + 1}
+    whole["advantages"] = torch.randn(2 * B, R, generator=g)
+    batch = {k: v[rows] for k, v in whole.items()}
+    n, mask = len(batch["scores"]), batch["mask"]
+    ids = torch.ones(n, R, dtype=torch.long)
+    rollout = Rollout(
+        query_ids=ids,
+        query_mask=torch.ones_like(mask),
+        response_ids=ids,
+        response_mask=mask,
+        logprobs=batch["logprobs"],
+        ref_logprobs=batch["ref_logprobs"],
+        values=batch["values"],
+        scores=batch["scores"],
+        raw_scores=batch["scores"] * 2,
+        rewards=torch.zeros(n, R),
+        advantages=batch["advantages"] * mask,
+        returns=batch["returns"] * mask,
+        ended_with_eos=batch["scores"] > 0,
+    )
+    timings = SimpleNamespace(generation=1.0, scoring=1.0, generated_tokens=int(mask.sum()))
+    metrics = iteration_metrics(rollout, timings, {}, 1.0, kl_beta=0.1)
+    return {k: v for k, v in metrics.items() if k.startswith("rollout/")}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -119,6 +151,15 @@ def _on_rank(rank: int) -> dict[str, torch.Tensor]:
     part = {k: v[rank * B : (rank + 1) * B] for k, v in _batch().items()}
     result = _statistics(part)
     result["token_mean_grad"] = _token_mean_gradient(part["mask"])
+    result.update({f"ppo:{k}": v for k, v in _ppo_metrics(slice(rank * B, (rank + 1) * B)).items()})
+    # per-rank means over 3 and 1 items (DPO's pair counts in a short batch), then over 2 and 0
+    local = {"a": torch.tensor([1.0, 4.0][rank]), "b": torch.tensor([2.0, -1.0][rank], dtype=torch.float64)}
+    for name, weights in (("uneven", (3, 1)), ("empty", (2, 0))):
+        means, total = global_weighted_means(local, weights[rank])
+        result[f"weighted:{name}"] = torch.stack([means["a"].double(), means["b"], total])
+        result[f"weighted:{name}:dtypes"] = torch.tensor(
+            [means["a"].dtype == torch.float32, means["b"].dtype == torch.float64]
+        )
     # per-rank generators: seeded apart, gathered as on_save_checkpoint gathers them, restored as on load
     generator = torch.Generator().manual_seed(rank_seed(0, rank))
     torch.rand(3, generator=generator)
@@ -147,6 +188,45 @@ def test_two_ranks_of_batch_b_give_the_statistics_of_one_rank_of_batch_2b(two_ra
     # the batch really is uneven across ranks (else a mean of per-rank means would pass too)
     mask = _batch()["mask"]
     assert mask[:B].sum() != mask[B:].sum()
+
+
+GLOBAL_ROLLOUT_METRICS = (
+    "rollout/score_std",
+    "rollout/advantage_std",
+    "rollout/advantage_raw_std",
+    "rollout/advantage_mean",
+    "rollout/advantage_raw_mean",
+    "rollout/return_mean",
+    "rollout/value_mean",
+    "rollout/explained_variance",
+)
+
+
+def test_ppo_logs_the_rollout_stds_and_token_means_of_one_process_holding_every_rank_s_rollout(two_ranks):
+    """Every rank's ``rollout/*`` std, token mean and explained variance is the value over the concatenated rollout
+    (Lightning's ``sync_dist`` then averages equal values), not a per-rank value averaged over ranks."""
+    one = _ppo_metrics()
+    for key in GLOBAL_ROLLOUT_METRICS:
+        for rank in two_ranks:
+            torch.testing.assert_close(rank[f"ppo:{key}"], one[key], msg=key)
+    for key in (
+        "rollout/score_mean",
+        "rollout/kl",
+    ):  # equal batch sizes: the mean over ranks is the global mean
+        torch.testing.assert_close((two_ranks[0][f"ppo:{key}"] + two_ranks[1][f"ppo:{key}"]) / 2, one[key])
+    # the per-rank values differ from the global ones, so a mean of local values would fail the checks above
+    local = _ppo_metrics(slice(0, B))
+    for key in ("rollout/score_std", "rollout/advantage_std", "rollout/advantage_raw_std"):
+        assert not torch.allclose(local[key], one[key]), key
+
+
+def test_weighted_means_count_every_ranks_items_not_every_rank(two_ranks):
+    for rank in two_ranks:
+        torch.testing.assert_close(
+            rank["weighted:uneven"], torch.tensor([7 / 4, 5 / 4, 4.0], dtype=torch.float64)
+        )
+        torch.testing.assert_close(rank["weighted:empty"], torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64))
+        assert rank["weighted:uneven:dtypes"].all()  # each mean keeps its input's dtype
 
 
 def test_ppo_update_is_the_token_mean_over_every_ranks_tokens(two_ranks):

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 from trainers import quiet_trainer  # tests/ is on sys.path under pytest
 
-from rlhf_lightning.data.preference import PreferenceDataModule
+from rlhf_lightning.data.preference import PreferenceDataModule, PreferenceDataset
 from rlhf_lightning.data.sft import SFTDataModule
 from rlhf_lightning.functional.logprobs import logprobs_from_logits
 from rlhf_lightning.models.factory import ModelArgs
 from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY, load_checkpoint, load_policy
-from rlhf_lightning.stages.dpo import DPOArgs, DPOModule, pair_response_mask, sequence_logprobs
+from rlhf_lightning.stages.dpo import STATS, DPOArgs, DPOModule, pair_response_mask, sequence_logprobs
 from rlhf_lightning.stages.ppo_models import load_networks
 from rlhf_lightning.stages.sft import SFTModule
 from rlhf_lightning.types import PreferenceBatch
@@ -110,6 +111,29 @@ def test_reference_logprobs_are_cached_once_per_pair(sft_checkpoint, tiny_tokeni
     module.cache_ref_logprobs = False
     torch.testing.assert_close(module.reference_logprobs(batch, pair_response_mask(batch)), live)
     assert calls  # recomputed
+
+
+def test_validation_logs_the_means_over_pairs_of_uneven_batches(
+    sft_checkpoint, tiny_tokenizer, tmp_path
+) -> None:
+    """Batches of 2 and 1 pairs: ``val/*`` are the means over the 3 pairs (as one batch of 3), not over batches."""
+    module = _dpo(sft_checkpoint, tiny_tokenizer.source)
+    module.configure_model()
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the policy off its reference, so the pairs' statistics differ
+        for param in module.policy.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    data = _data(tiny_tokenizer.source)
+    data.setup("validate")
+    pairs = PreferenceDataset(data.val_dataset.items[:3])
+    uneven = DataLoader(pairs, batch_size=2, collate_fn=data._collate())
+    logged = _trainer(tmp_path).validate(module, dataloaders=uneven, verbose=False)[0]
+    with torch.no_grad():
+        _, whole = module.loss(next(iter(DataLoader(pairs, batch_size=3, collate_fn=data._collate()))))
+    assert [len(batch) for batch in uneven] == [2, 1]
+    for key in STATS:
+        assert logged[f"val/{key}"] == pytest.approx(float(whole[key]), abs=1e-5), key
+    assert 0 < logged["val/accuracy"] < 1  # the pairs differ (else any weighting would pass)
 
 
 def test_dpo_raises_held_out_accuracy_and_margin_over_the_sft_model(

@@ -9,6 +9,10 @@
     5. log ``train/loss``, ``train/reward_chosen``, ``train/reward_rejected``, ``train/margin``, ``train/accuracy``
        (implicit rewards ``beta * (log pi - log pi_ref)``); validation logs the same under ``val/``.
 
+Several data-parallel ranks (each training on its own batches, ``data.sampling``): the loss each step optimises and
+every logged value are means over all ranks' pairs, so 2 ranks with batch b train and log as 1 rank with batch 2b
+(DESIGN.md); each rank caches the reference log-probs of the pairs it sees, keyed by their tokens.
+
 Models: the policy and its reference both come from ``policy_from`` (an SFT checkpoint, or any stage checkpoint
 holding a policy: DPO, PPO) through ``stages.ppo_models.policy_and_reference``: dropout off, the reference frozen; a
 LoRA policy merges its SFT adapter and trains a fresh one, the reference being the same network with that adapter
@@ -45,6 +49,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from rlhf_lightning.distributed import global_weighted_means, world_size
 from rlhf_lightning.functional.logprobs import logprobs_from_logits
 from rlhf_lightning.functional.losses import dpo_loss, ipo_loss
 from rlhf_lightning.models.factory import model_spec
@@ -62,6 +67,13 @@ from rlhf_lightning.types import PreferenceBatch
 __all__ = ["DPOArgs", "DPOModule", "pair_response_mask", "sequence_logprobs"]
 
 LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {"sigmoid": dpo_loss, "ipo": ipo_loss}
+STATS = (
+    "loss",
+    "accuracy",
+    "reward_chosen",
+    "reward_rejected",
+    "margin",
+)  # what every preference loss reports
 FROZEN_PREFIX = "reference."  # rebuilt from policy_from: not stored in DPO checkpoints
 
 
@@ -177,6 +189,7 @@ class DPOModule(LightningModule):
         self.reference: Any = None
         self.tokenizer = None
         self._ref_cache: dict[bytes, tuple[float, float]] = {}
+        self._val_sums = torch.zeros(1 + len(STATS), dtype=torch.float64)
 
     # -- weights ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -239,14 +252,34 @@ class DPOModule(LightningModule):
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         loss, stats = self.loss(batch)
-        for key, value in stats.items():  # 5
-            self.log(f"train/{key}", value, prog_bar=key in ("loss", "accuracy"), batch_size=len(batch))
-        return loss
+        pairs = len(batch)
+        means, total = global_weighted_means(stats, pairs)  # over every data-parallel rank's pairs
+        for key, value in means.items():  # 5
+            self.log(f"train/{key}", value, prog_bar=key in ("loss", "accuracy"), batch_size=pairs)
+        # DDP averages the ranks' gradients: weighting this rank's pair mean by its share of the step's pairs makes
+        # the step the mean over every rank's pairs (ranks hold different numbers in an epoch's short batch);
+        # exactly 1 on one process
+        return loss * (pairs * world_size() / float(total))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(1 + len(STATS), dtype=torch.float64)  # pairs, then pair-weighted sums
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         _, stats = self.loss(batch)
-        for key, value in stats.items():  # means over the split, weighted by pairs
-            self.log(f"val/{key}", value, prog_bar=key == "loss", batch_size=len(batch), sync_dist=True)
+        pairs = len(batch)
+        values = torch.stack([stats[key].detach().double().cpu() for key in STATS])
+        self._val_sums += torch.cat([values.new_tensor([pairs]), values * pairs])
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the epoch means over every rank's validation pairs (the same on every rank). Not ``sync_dist``:
+        Lightning 2.6 floors the summed batch sizes when averaging them over ranks (pytorch-lightning#21859), which
+        inflates every mean when the ranks' pair counts do not add up to a multiple of the world size."""
+        pairs, *sums = self._val_sums.unbind()
+        local = {key: total / pairs.clamp_min(1) for key, total in zip(STATS, sums)}
+        means, total = global_weighted_means(local, int(pairs))
+        if total > 0:
+            for key, value in means.items():
+                self.log(f"val/{key}", value.float(), prog_bar=key == "loss")
 
     # -- optimisation ----------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
