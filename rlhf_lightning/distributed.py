@@ -9,6 +9,10 @@ Every function is a collective: every rank must call it, in the same order, with
 
 Moments are reduced as ``(count, sum, sum of squares)`` in float64, so ranks with different numbers of valid tokens
 combine exactly (not as a mean of per-rank means).
+
+:func:`shard_for_strategy` is the stages' FSDP2 hook: called from ``configure_model`` on each network, it applies
+``fully_shard`` when the Trainer's strategy hands the module a device mesh (Lightning's ``ModelParallelStrategy``)
+and does nothing otherwise (one device, DDP, DeepSpeed).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "global_mean",
     "global_rank",
     "no_backward_sync",
+    "shard_for_strategy",
     "world_size",
 ]
 
@@ -133,3 +138,54 @@ def no_backward_sync(module: object) -> Iterator[None]:
     parallel = torch.nn.parallel.DistributedDataParallel
     with module.no_sync() if isinstance(module, parallel) else nullcontext():
         yield
+
+
+def _layer_lists(module: torch.nn.Module) -> list[torch.nn.ModuleList]:
+    """The outermost ``ModuleList`` s under ``module``: a transformer's repeated blocks (``GPT.blocks``, a Hugging Face
+    decoder's ``layers``), the units FSDP2 gathers one at a time."""
+    found: list[torch.nn.ModuleList] = []
+
+    def visit(m: torch.nn.Module) -> None:
+        for child in m.children():
+            if isinstance(child, torch.nn.ModuleList) and len(child):
+                found.append(child)
+            else:
+                visit(child)
+
+    visit(module)
+    return found
+
+
+def shard_for_strategy(
+    module: torch.nn.Module, device_mesh: object | None, forward_methods: Iterable[str] = ("hidden_states",)
+) -> torch.nn.Module:
+    """Shard ``module`` with FSDP2 over ``device_mesh``'s data-parallel dimension; a no-op when ``device_mesh`` is None.
+
+    ``device_mesh`` is the LightningModule's ``device_mesh``: set by Lightning's ``ModelParallelStrategy`` (the FSDP2
+    strategy, ``configs/strategies/fsdp2.yaml``) before ``configure_model``, None under every other strategy. Each
+    transformer block is sharded on its own (gathered for its forward and backward only), then the root takes the
+    rest (embeddings, final norm, LM or scalar head). The stages call the backbone's ``hidden_states`` rather than
+    ``forward``, so ``forward_methods`` that the module has are registered to gather the root's parameters too.
+    Parameters, gradients and optimizer states are then split over the ranks; FSDP2 averages gradients over them as
+    DDP does, so the global token-mean losses need no change. Tensor parallelism is not supported
+    (``tensor_parallel_size`` must be 1).
+    """
+    if device_mesh is None:
+        return module
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    names = getattr(device_mesh, "mesh_dim_names", None) or ()
+    if "tensor_parallel" in names and device_mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            f"tensor_parallel_size={device_mesh['tensor_parallel'].size()}: the stages shard with FSDP2 only; set "
+            "the strategy's tensor_parallel_size to 1 (configs/strategies/fsdp2.yaml)"
+        )
+    mesh = device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
+    for layers in _layer_lists(module):
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    for name in forward_methods:
+        if callable(getattr(module, name, None)):
+            register_fsdp_forward_method(module, name)
+    return module

@@ -162,6 +162,62 @@ def test_every_rank_resumes_its_own_generator_stream(two_ranks):
     assert not torch.equal(second["legacy"], first["legacy"])
 
 
+# ------------------------------------------------------------------------------------------------- FSDP2 sharding
+def _lm_gradients(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Full gradients of a toy LM loss that goes through ``hidden_states`` then ``lm_head``, as the SFT loss does."""
+    model.lm_head(model.hidden_states(ids)).logsumexp(-1).mean().backward()
+    return {n: getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for n, p in model.named_parameters()}
+
+
+def _tiny_lm() -> torch.nn.Module:
+    from rlhf_lightning.models.factory import ModelArgs, build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelArgs(preset="tiny", dropout=0.0), 64)
+
+
+def _shard_worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from rlhf_lightning.distributed import shard_for_strategy
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        model = shard_for_strategy(_tiny_lm(), mesh)  # ModelParallelStrategy's mesh, tensor_parallel_size 1
+        ids = torch.randint(0, 64, (2 * B, 8), generator=torch.Generator().manual_seed(2))[
+            rank * B : (rank + 1) * B
+        ]
+        result = {f"grad/{n}": g for n, g in _lm_gradients(model, ids).items()}
+        result["all_dtensors"] = torch.tensor(all(isinstance(p, DTensor) for p in model.parameters()))
+        result["local_wte_rows"] = torch.tensor(model.wte.weight.to_local().shape[0])
+        torch.save(result, f"{out}/shard{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stage_networks_shard_with_fsdp2_on_a_device_mesh_and_step_on_the_global_mean(tmp_path):
+    """``shard_for_strategy`` (what SFT and the reward model call in ``configure_model``): with a mesh every
+    parameter is a DTensor holding half the rows on each of 2 ranks, and the averaged gradient of 2 x b rows equals
+    one process's gradient on 2b; without a mesh it changes nothing."""
+    from rlhf_lightning.distributed import shard_for_strategy
+
+    mp.spawn(_shard_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"shard{r}.pt", weights_only=True) for r in range(2)]
+    model = _tiny_lm()
+    assert (
+        shard_for_strategy(model, None) is model and type(model).__name__ == "GPT"
+    )  # a no-op without a mesh
+    expected = _lm_gradients(
+        model, torch.randint(0, 64, (2 * B, 8), generator=torch.Generator().manual_seed(2))
+    )
+    for rank in ranks:
+        assert bool(rank["all_dtensors"]) and int(rank["local_wte_rows"]) == 32  # 64 rows split over 2 ranks
+        for name, grad in expected.items():
+            torch.testing.assert_close(rank[f"grad/{name}"], grad, msg=name)
+
+
 # ------------------------------------------------------------------------------------------------------- SFT loss
 def test_sft_accumulated_step_is_the_token_mean_of_the_whole_step(tmp_path, tiny_tokenizer):
     """2 accumulated batches with different token counts step as one batch of both: the token mean, not the mean of
@@ -206,9 +262,11 @@ def test_sft_accumulated_step_is_the_token_mean_of_the_whole_step(tmp_path, tiny
 
 
 # --------------------------------------------------------------------------------------- the shipped configs, 2 ranks
-def _fit(config: str, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+def _fit(config: str, cwd: Path, *extra: str, devices: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "rlhf_lightning.cli", "fit", "--config", str(REPO / "configs" / config)]
-    cmd += ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", *extra]
+    if devices > 1:
+        cmd += ["--trainer.strategy", "ddp", "--trainer.devices", str(devices)]
+    cmd += ["--trainer.accelerator", "cpu", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -255,3 +313,57 @@ def test_sft_reward_and_ppo_tiny_configs_run_on_two_cpu_ranks(tmp_path):
     rows = _metrics(tmp_path / "runs/tiny/ppo")
     assert _last(rows, "ppo/kl_beta") != 0.05  # the adaptive controller moved beta (the same on both ranks)
     assert abs(_last(rows, "rollout/score_mean")) <= 5
+
+
+# ------------------------------------------------------------------------------ 2 ranks x b == 1 rank x 2b, end to end
+def _weights_after(
+    config: str, folder: Path, devices: int, batch_size: int, *extra: str
+) -> dict[str, torch.Tensor]:
+    """The weights ``config`` ends with when run through ``rlhf-lightning fit`` on ``devices`` gloo processes of
+    ``batch_size`` rows each (dropout off; one shared tokenizer, trained by the first run)."""
+    folder.mkdir()
+    (folder / "data").symlink_to(REPO / "data")
+    tokenizer = folder.parent / "tokenizer.json"
+    _fit(
+        config,
+        folder,
+        f"--data.init_args.batch_size={batch_size}",
+        f"--data.init_args.tokenizer_path={tokenizer}",
+        "--model.init_args.model.dropout=0.0",
+        *extra,
+        devices=devices,
+    )
+    (ckpt,) = folder.glob("runs/tiny/**/checkpoints/last.ckpt")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3  # three optimizer steps
+    return checkpoint["state_dict"]
+
+
+def _assert_same_weights(two: dict[str, torch.Tensor], one: dict[str, torch.Tensor]) -> None:
+    assert two.keys() == one.keys()
+    worst = max(float((two[n].float() - one[n].float()).abs().max()) for n in one)
+    print(f"largest weight difference, 2 ranks x b vs 1 x 2b: {worst:.2e}")
+    # float rounding differs (gradients summed in another order) and Adam divides it by tiny second moments: up to
+    # ~1e-5 measured; a different split of the rows or a mean of per-rank means moves weights by ~1e-3 (a step)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=5e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_sft_on_two_ranks_of_batch_b_ends_with_the_weights_of_one_rank_of_batch_2b(tmp_path):
+    """sft_tiny.yaml for 3 AdamW steps (clipping and warm-up as shipped): 2 gloo ranks x 4 conversations end with the
+    weights of 1 process x 8. Needs the sampler to hand rank r the r-th half of the single process's batch, and the
+    loss to be the token mean of the whole global batch (the ranks hold different token counts)."""
+    steps = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1"]
+    one = _weights_after("sft_tiny.yaml", tmp_path / "one", 1, 8, *steps)
+    two = _weights_after("sft_tiny.yaml", tmp_path / "two", 2, 4, *steps)
+    _assert_same_weights(two, one)
+
+
+@pytest.mark.slow
+def test_reward_model_on_two_ranks_of_batch_b_ends_with_the_weights_of_one_rank_of_batch_2b(tmp_path):
+    """reward_tiny.yaml from random weights for 3 steps: 2 gloo ranks x 2 pairs == 1 process x 4 pairs."""
+    steps = ["--model.init_args.init_from=null", "--trainer.max_steps=3", "--trainer.limit_val_batches=0"]
+    one = _weights_after("reward_tiny.yaml", tmp_path / "one", 1, 4, *steps)
+    two = _weights_after("reward_tiny.yaml", tmp_path / "two", 2, 2, *steps)
+    _assert_same_weights(two, one)

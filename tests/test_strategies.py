@@ -16,7 +16,6 @@ import pytest
 import yaml
 
 from rlhf_lightning.cli import main
-from rlhf_lightning.stages.sft import SFTModule
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = sorted((REPO / "configs" / "strategies").glob("*.yaml"))
@@ -96,20 +95,18 @@ def test_trainer_flags_on_the_command_line_override_a_fragment(capsys: pytest.Ca
 
 
 # ----------------------------------------------------------------------------------------------- FSDP on CPU processes
-class FSDP2SFTModule(SFTModule):
-    """SFT with its network sharded by FSDP2 (``fully_shard``) for Lightning's ModelParallelStrategy: each block, then
-    the whole network (embeddings, final norm, LM head). The SFT loss calls ``hidden_states`` and ``lm_head`` rather
-    than ``forward``, so ``hidden_states`` is registered as a forward method (it gathers the root's parameters)."""
+def test_fsdp2_fragment_builds_a_data_parallel_only_model_parallel_strategy() -> None:
+    """FSDP2Strategy: tensor_parallel_size 1, data-parallel over every process (set once the processes exist), one
+    full checkpoint file."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from rlhf_lightning.strategies import FSDP2Strategy
 
-        super().configure_model()
-        mesh = self.device_mesh["data_parallel"]
-        for block in self.model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
-        register_fsdp_forward_method(self.model, "hidden_states")
+    trainer = yaml.safe_load((REPO / "configs/strategies/fsdp2.yaml").read_text())["trainer"]
+    assert trainer["strategy"]["class_path"] == "rlhf_lightning.strategies.FSDP2Strategy"
+    strategy = FSDP2Strategy(**trainer["strategy"]["init_args"])
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert strategy._tensor_parallel_size == 1 and strategy._save_distributed_checkpoint is False
 
 
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -124,36 +121,76 @@ def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return done
 
 
+FSDP2_CPU = [
+    "--config",
+    str(REPO / "configs/strategies/fsdp2.yaml"),
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=2",
+]
+
+
+def _state(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 @pytest.mark.slow
-def test_fsdp2_sft_on_two_cpu_processes_writes_a_checkpoint_generate_loads(tmp_path: Path) -> None:
-    """Lightning's FSDPStrategy refuses CPU (and torch's FSDP1 needs an accelerator), but FSDP2 through
-    ModelParallelStrategy runs on gloo: sft_tiny.yaml on 2 CPU processes, one full (unsharded) checkpoint file."""
+def test_sft_and_reward_fit_checkpoint_and_resume_under_fsdp2_on_two_cpu_processes(tmp_path: Path) -> None:
+    """The shipped stages under configs/strategies/fsdp2.yaml, no subclass: SFT shards in its own configure_model
+    (2 ranks x 4 rows step as 1 process x 8), writes one full checkpoint file, resumes from it, and ``generate`` loads
+    it; the reward model starts from that checkpoint, fits, and resumes the same way."""
     import torch
 
     (tmp_path / "data").symlink_to(REPO / "data")
-    _cli(
-        tmp_path,
-        "fit",
+    tokenizer = f"--data.init_args.tokenizer_path={tmp_path / 'tokenizer.json'}"  # one for every run
+    sft = [
         "--config",
         str(STAGE),
-        "--model",
-        "test_strategies.FSDP2SFTModule",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=2",
-        "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
-        "--trainer.strategy.data_parallel_size=2",
-        "--trainer.strategy.tensor_parallel_size=1",
-        "--trainer.strategy.save_distributed_checkpoint=false",
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=3",
+        tokenizer,
+        "--model.init_args.model.dropout=0.0",
+        "--trainer.limit_val_batches=1",
+    ]
+    sft += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3"]
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "data").symlink_to(REPO / "data")
+    _cli(single, "fit", *sft, "--data.init_args.batch_size=8")  # the reference: one process, batch 8
+    _cli(tmp_path, "fit", *sft, *FSDP2_CPU, "--data.init_args.batch_size=4")
+    folder = tmp_path / "runs/tiny/sft/checkpoints"
+    sharded = _state(folder / "last.ckpt")
+    one = _state(single / "runs/tiny/sft/checkpoints/last.ckpt")["state_dict"]
+    assert sharded["global_step"] == 3 and sharded["state_dict"].keys() == one.keys()
+    for name, weight in one.items():  # whole tensors gathered from both ranks, equal to the 1-process run's
+        torch.testing.assert_close(sharded["state_dict"][name], weight, atol=5e-5, rtol=1e-4, msg=name)
+    resumed = _cli(
+        tmp_path, "fit", *sft, *FSDP2_CPU, "--data.init_args.batch_size=4", "--trainer.max_epochs=2",
+        "--ckpt_path", str(folder / "last.ckpt"),
+    )  # fmt: skip
+    assert "Restored all states" in resumed.stdout + resumed.stderr
+    again = _state(folder / "last.ckpt")
+    assert again["global_step"] == 6
+    assert not torch.equal(again["state_dict"]["model.wte.weight"], sharded["state_dict"]["model.wte.weight"])
+    replies = _cli(
+        tmp_path, "generate", "--ckpt", str(folder / "last.ckpt"), "--prompt", "Hi", "--max_new_tokens", "8"
     )
-    ckpt = tmp_path / "runs/tiny/sft/checkpoints/last.ckpt"
-    assert ckpt.is_file()  # one file, not a folder of shards
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    embedding = next(v for k, v in state.items() if k.endswith("wte.weight"))
-    assert embedding.shape == (
-        512,
-        64,
-    )  # the whole table (tiny preset, vocabulary 512), gathered from both ranks
-    replies = _cli(tmp_path, "generate", "--ckpt", str(ckpt), "--prompt", "Hi", "--max_new_tokens", "8")
     assert replies.stdout.strip()
+
+    reward = [
+        "--config",
+        str(REPO / "configs/reward_tiny.yaml"),
+        *FSDP2_CPU,
+        tokenizer,
+        "--trainer.limit_val_batches=2",
+    ]
+    reward += ["--model.init_args.model.dropout=0.0", "--trainer.val_check_interval=3"]
+    _cli(tmp_path, "fit", *reward, "--trainer.max_steps=3")  # init_from: the SFT folder written above
+    (last,) = (tmp_path / "runs/tiny/reward").glob("**/checkpoints/last.ckpt")
+    first = _state(last)
+    assert (
+        first["global_step"] == 3 and first["rlhf_lightning"]["score_std"] != 1.0
+    )  # validation measured scores
+    resumed = _cli(tmp_path, "fit", *reward, "--trainer.max_steps=4", "--ckpt_path", str(last))
+    assert "Restored all states" in resumed.stdout + resumed.stderr
+    (last,) = (tmp_path / "runs/tiny/reward").glob("version_1/checkpoints/last.ckpt")
+    assert _state(last)["global_step"] == 4

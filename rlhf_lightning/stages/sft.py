@@ -38,7 +38,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
-from rlhf_lightning.distributed import all_reduce_sum, world_size
+from rlhf_lightning.distributed import all_reduce_sum, shard_for_strategy, world_size
 from rlhf_lightning.functional.losses import token_nll_loss
 from rlhf_lightning.models.factory import ModelArgs, build_model, model_from_spec, model_spec
 from rlhf_lightning.optim import WarmupCosineLR, bind_total_steps
@@ -105,6 +105,9 @@ class SFTModule(LightningModule):
         # else: built from the checkpoint payload in on_load_checkpoint (load_from_checkpoint without a Trainer)
         if self.model is not None:
             self._check_fits_data()
+            shard_for_strategy(
+                self.model, self.device_mesh
+            )  # FSDP2 under ModelParallelStrategy, else nothing
 
     def _check_fits_data(self) -> None:
         """Fail before training when the DataModule serves sequences longer than the model accepts."""
