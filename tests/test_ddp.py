@@ -95,6 +95,55 @@ def _token_mean_gradient(mask: torch.Tensor, micro: int = 3) -> torch.Tensor:
     return w.grad.detach().clone()
 
 
+def _ppo_update(rank: int | None) -> dict[str, torch.Tensor]:
+    """Policy and critic weights after ``PPOModule._update`` (2 epochs, micro-batches of 3, gradient clipping) on this
+    process's rows of one fixed rollout of 2B rows whose advantages are whitened by ``rewards_and_advantages``: rank
+    r holds rows [rB, (r+1)B) and a minibatch of B; one process holds all 2B in a minibatch of 2B."""
+    from rlhf_lightning.models.heads import ValueModel
+    from rlhf_lightning.stages.ppo import PPOArgs
+    from rlhf_lightning.stages.rollout import response_logprobs_of, response_values
+    from rlhf_lightning.types import Rollout
+
+    rows = slice(None) if rank is None else slice(rank * B, (rank + 1) * B)
+    policy = _tiny_lm()
+    value_model = ValueModel(_tiny_lm())
+    g = torch.Generator().manual_seed(3)
+    P = 3
+    query = torch.randint(0, 64, (2 * B, P), generator=g)[rows]
+    response = torch.randint(0, 64, (2 * B, R), generator=g)[rows]
+    noise = 0.1 * torch.randn(2, 2 * B, R, generator=g)[:, rows]
+    scores = torch.randn(2 * B, generator=g)[rows]
+    mask = _batch()["mask"][rows]  # uneven token counts per rank
+    sequences, sequence_mask = (
+        torch.cat([query, response], 1),
+        torch.cat([torch.ones_like(query, dtype=bool), mask], 1),
+    )
+    with torch.no_grad():  # old log-probs off the current policy's, so ratios differ from 1 and some clip
+        logprobs = response_logprobs_of(policy, sequences, sequence_mask, P, 1.0) + noise[0]
+        values = response_values(value_model, sequences, sequence_mask, P)
+    ref_logprobs = logprobs + noise[1]
+    rewards, advantages, returns = rewards_and_advantages(
+        scores, logprobs, ref_logprobs, values, mask, kl_beta=0.1, gamma=1.0, lam=0.95
+    )
+    rollout = Rollout(
+        query, torch.ones_like(query, dtype=bool), response, mask, logprobs, ref_logprobs, values, scores, scores,
+        rewards, advantages, returns, torch.zeros(len(query), dtype=bool),
+    )  # fmt: skip
+    ppo = PPOArgs(epochs=2, minibatch_size=len(query), micro_batch_size=3, max_grad_norm=1.0)
+    module = PPOModule("unused", ppo=ppo)
+    module.policy, module.value_model = policy, value_model
+    optimizers = (
+        torch.optim.SGD(policy.parameters(), lr=0.5),
+        torch.optim.SGD(value_model.parameters(), lr=0.5),
+    )
+    module.optimizers = lambda use_pl_optimizer=False: optimizers
+    module.manual_backward = lambda loss: loss.backward()
+    module.generator.manual_seed(rank_seed(0, rank or 0))
+    module._update(rollout, update_policy=True)
+    weights = {f"policy.{k}": v for k, v in policy.state_dict().items()}
+    return {**weights, **{f"value.{k}": v for k, v in value_model.state_dict().items()}}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,6 +156,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         part = {k: v[rank * B : (rank + 1) * B] for k, v in _batch().items()}
         result = _statistics(part)
         result["token_mean_grad"] = _token_mean_gradient(part["mask"])
+        result.update({f"ppo_update/{k}": v for k, v in _ppo_update(rank).items()})
         # per-rank generators: seeded apart, gathered as on_save_checkpoint gathers them, restored as on load
         generator = torch.Generator().manual_seed(rank_seed(0, rank))
         torch.rand(3, generator=generator)
@@ -150,6 +200,18 @@ def test_ppo_update_is_the_token_mean_over_every_ranks_tokens(two_ranks):
     one = _token_mean_gradient(_batch()["mask"])
     for rank in two_ranks:
         torch.testing.assert_close(rank["token_mean_grad"], one)
+
+
+def test_ppo_update_on_two_ranks_of_b_rows_gives_the_weights_of_one_rank_of_2b(two_ranks):
+    """PPOModule._update itself on one rollout split over 2 ranks with uneven token counts (global whitening, global
+    token-mean policy and value losses, gradients averaged once per step, clipping after) ends with the policy and
+    critic weights of one process updating on the whole rollout."""
+    one = _ppo_update(None)
+    start = {f"policy.{k}": v for k, v in _tiny_lm().state_dict().items()}
+    assert any(not torch.equal(one[k], v) for k, v in start.items())  # the update moved the policy
+    for rank in two_ranks:
+        for name, weight in one.items():
+            torch.testing.assert_close(rank[f"ppo_update/{name}"], weight, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_every_rank_resumes_its_own_generator_stream(two_ranks):
