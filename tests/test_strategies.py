@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from rlhf_lightning.cli import main
+from rlhf_lightning.stages.sft import SFTModule
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = sorted((REPO / "configs" / "strategies").glob("*.yaml"))
@@ -24,7 +25,15 @@ STAGE = REPO / "configs" / "sft_tiny.yaml"
 
 def test_the_documented_fragments_ship() -> None:
     names = {p.stem for p in STRATEGIES}
-    assert {"ddp_cpu", "ddp_gpus", "multinode", "fsdp", "deepspeed_zero2"} <= names
+    assert {
+        "ddp_cpu",
+        "ddp_gpus",
+        "multinode",
+        "fsdp",
+        "fsdp2",
+        "deepspeed_zero2",
+        "deepspeed_zero3",
+    } <= names
 
 
 @pytest.mark.parametrize("path", STRATEGIES, ids=[p.name for p in STRATEGIES])
@@ -72,6 +81,34 @@ def test_fsdp_fragment_builds_lightnings_fsdp_strategy() -> None:
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
     assert strategy._state_dict_type == "full"
+
+
+@pytest.mark.parametrize("name, stage", [("deepspeed_zero2", 2), ("deepspeed_zero3", 3)])
+def test_deepspeed_fragments_name_lightnings_zero_stage(name: str, stage: int) -> None:
+    """The name resolves to Lightning's DeepSpeedStrategy at that ZeRO stage (DeepSpeed itself is not installed here,
+    so the strategy is not built)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    trainer = yaml.safe_load((REPO / f"configs/strategies/{name}.yaml").read_text())["trainer"]
+    entry = StrategyRegistry[trainer["strategy"]]
+    assert entry["strategy"].__name__ == "DeepSpeedStrategy" and entry["init_params"]["stage"] == stage
+
+
+def test_sft_refuses_deepspeed_before_training() -> None:
+    """ZeRO leaves param.grad empty, so SFT could not turn its token sums into the token mean: it stops in setup."""
+    from types import SimpleNamespace
+
+    from rlhf_lightning.stages.checkpoints import SetupError
+
+    class DeepSpeedStrategy:  # what Lightning's class is called; DeepSpeed itself is not installed here
+        pass
+
+    module = SFTModule()
+    module._trainer = SimpleNamespace(strategy=DeepSpeedStrategy())
+    with pytest.raises(SetupError, match="DeepSpeed"):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(strategy=object())
+    module.setup("fit")  # any other strategy: nothing to refuse
 
 
 def test_trainer_flags_on_the_command_line_override_a_fragment(capsys: pytest.CaptureFixture) -> None:

@@ -87,6 +87,15 @@ class SFTModule(LightningModule):
         self._tokens_in_step = 0
         self._target_tokens = torch.zeros(())  # assistant tokens backpropagated since the last optimizer step
 
+    def setup(self, stage: str) -> None:
+        """Refuse DeepSpeed: ZeRO keeps gradients out of ``param.grad``, so :meth:`on_before_optimizer_step` could
+        not turn the backpropagated token sums into the token mean, and the run would step on token sums."""
+        if type(self.trainer.strategy).__name__.startswith("DeepSpeed"):
+            raise SetupError(
+                "SFT under DeepSpeed would step on token sums (its loss is rescaled on param.grad, which ZeRO leaves "
+                "empty); use DDP or FSDP2 for SFT (configs/strategies/ddp_gpus.yaml, fsdp2.yaml)"
+            )
+
     # -- weights ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Build the network (fresh preset, or ``init_from``'s weights) and check it fits the data."""
