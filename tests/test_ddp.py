@@ -95,10 +95,11 @@ def _token_mean_gradient(mask: torch.Tensor, micro: int = 3) -> torch.Tensor:
     return w.grad.detach().clone()
 
 
-def _ppo_update(rank: int | None) -> dict[str, torch.Tensor]:
+def _ppo_update(rank: int | None, mesh: object | None = None) -> dict[str, torch.Tensor]:
     """Policy and critic weights after ``PPOModule._update`` (2 epochs, micro-batches of 3, gradient clipping) on this
     process's rows of one fixed rollout of 2B rows whose advantages are whitened by ``rewards_and_advantages``: rank
-    r holds rows [rB, (r+1)B) and a minibatch of B; one process holds all 2B in a minibatch of 2B."""
+    r holds rows [rB, (r+1)B) and a minibatch of B; one process holds all 2B in a minibatch of 2B. With a device
+    ``mesh`` the module shards its policy and critic as it does under FSDP2 before the update."""
     from rlhf_lightning.models.heads import ValueModel
     from rlhf_lightning.stages.ppo import PPOArgs
     from rlhf_lightning.stages.rollout import response_logprobs_of, response_values
@@ -132,6 +133,9 @@ def _ppo_update(rank: int | None) -> dict[str, torch.Tensor]:
     ppo = PPOArgs(epochs=2, minibatch_size=len(query), micro_batch_size=3, max_grad_norm=1.0)
     module = PPOModule("unused", ppo=ppo)
     module.policy, module.value_model = policy, value_model
+    if mesh is not None:
+        module._device_mesh = mesh  # what ModelParallelStrategy sets before configure_model
+        module._shard_trained_networks()
     optimizers = (
         torch.optim.SGD(policy.parameters(), lr=0.5),
         torch.optim.SGD(value_model.parameters(), lr=0.5),
@@ -141,7 +145,8 @@ def _ppo_update(rank: int | None) -> dict[str, torch.Tensor]:
     module.generator.manual_seed(rank_seed(0, rank or 0))
     module._update(rollout, update_policy=True)
     weights = {f"policy.{k}": v for k, v in policy.state_dict().items()}
-    return {**weights, **{f"value.{k}": v for k, v in value_model.state_dict().items()}}
+    weights.update({f"value.{k}": v for k, v in value_model.state_dict().items()})
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in weights.items()}
 
 
 def _free_port() -> int:
@@ -177,11 +182,15 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _spawn_two(worker, out: Path, name: str) -> list[dict[str, torch.Tensor]]:
+    """Run ``worker(rank, port, out)`` on 2 gloo processes; what each saved as ``out/<name><rank>.pt``."""
+    mp.spawn(worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"{name}{r}.pt", weights_only=True) for r in range(2)]
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return _spawn_two(_worker, tmp_path_factory.mktemp("ddp"), "rank")
 
 
 def test_two_ranks_of_batch_b_give_the_statistics_of_one_rank_of_batch_2b(two_ranks):
@@ -254,19 +263,24 @@ def _shard_worker(rank: int, port: int, out: str) -> None:
         result = {f"grad/{n}": g for n, g in _lm_gradients(model, ids).items()}
         result["all_dtensors"] = torch.tensor(all(isinstance(p, DTensor) for p in model.parameters()))
         result["local_wte_rows"] = torch.tensor(model.wte.weight.to_local().shape[0])
+        result.update({f"ppo_update/{k}": v for k, v in _ppo_update(rank, mesh).items()})
         torch.save(result, f"{out}/shard{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_stage_networks_shard_with_fsdp2_on_a_device_mesh_and_step_on_the_global_mean(tmp_path):
+@pytest.fixture(scope="module")
+def sharded_ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
+    return _spawn_two(_shard_worker, tmp_path_factory.mktemp("fsdp2"), "shard")
+
+
+def test_stage_networks_shard_with_fsdp2_on_a_device_mesh_and_step_on_the_global_mean(sharded_ranks):
     """``shard_for_strategy`` (what SFT and the reward model call in ``configure_model``): with a mesh every
     parameter is a DTensor holding half the rows on each of 2 ranks, and the averaged gradient of 2 x b rows equals
     one process's gradient on 2b; without a mesh it changes nothing."""
     from rlhf_lightning.distributed import shard_for_strategy
 
-    mp.spawn(_shard_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"shard{r}.pt", weights_only=True) for r in range(2)]
+    ranks = sharded_ranks
     model = _tiny_lm()
     assert (
         shard_for_strategy(model, None) is model and type(model).__name__ == "GPT"
@@ -278,6 +292,15 @@ def test_stage_networks_shard_with_fsdp2_on_a_device_mesh_and_step_on_the_global
         assert bool(rank["all_dtensors"]) and int(rank["local_wte_rows"]) == 32  # 64 rows split over 2 ranks
         for name, grad in expected.items():
             torch.testing.assert_close(rank[f"grad/{name}"], grad, msg=name)
+
+
+def test_ppo_update_with_fsdp2_sharded_networks_gives_the_weights_of_one_rank(sharded_ranks):
+    """PPOModule under FSDP2 (policy and critic sharded by its own configure_model step, the critic's (1, D) head
+    kept whole and averaged by PPO): the update on 2 ranks x B rows ends with one process's weights on 2B rows."""
+    one = _ppo_update(None)
+    for rank in sharded_ranks:
+        for name, weight in one.items():
+            torch.testing.assert_close(rank[f"ppo_update/{name}"], weight, atol=1e-6, rtol=1e-5, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------------- SFT loss

@@ -7,6 +7,7 @@ valid arguments), so a typo fails here rather than at the start of a multi-GPU j
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -146,6 +147,19 @@ def test_fsdp2_fragment_builds_a_data_parallel_only_model_parallel_strategy() ->
     assert strategy._tensor_parallel_size == 1 and strategy._save_distributed_checkpoint is False
 
 
+@pytest.mark.parametrize("stage", ["dpo.DPOModule", "grpo.GRPOModule"])
+def test_stages_that_do_not_shard_refuse_fsdp2_before_loading_anything(stage: str) -> None:
+    """DPO and GRPO/RLOO keep whole networks: under FSDP2 (a device mesh) each rank would train its own copy."""
+    import importlib
+
+    module_name, class_name = stage.split(".")
+    cls = getattr(importlib.import_module(f"rlhf_lightning.stages.{module_name}"), class_name)
+    module = cls("no/such/checkpoint")
+    module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
+    with pytest.raises(RuntimeError, match="unsynchronised copies; run it with DDP"):
+        module.configure_model()
+
+
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
@@ -231,3 +245,24 @@ def test_sft_and_reward_fit_checkpoint_and_resume_under_fsdp2_on_two_cpu_process
     assert "Restored all states" in resumed.stdout + resumed.stderr
     (last,) = (tmp_path / "runs/tiny/reward").glob("version_1/checkpoints/last.ckpt")
     assert _state(last)["global_step"] == 4
+
+    # PPO from those two: policy and critic sharded (generation steps until every rank's rows are done), resumed
+    ppo = ["--config", str(REPO / "configs/ppo_tiny.yaml"), *FSDP2_CPU, tokenizer]
+    ppo += [
+        "--model.init_args.ppo.critic_warmup_iterations=1",
+        "--model.init_args.rewards.calibration_samples=8",
+    ]
+    _cli(tmp_path, "fit", *ppo, "--trainer.max_steps=3")
+    ckpt = tmp_path / "runs/tiny/ppo/checkpoints/iter-step=3.ckpt"
+    saved = _state(ckpt)
+    assert saved["global_step"] == 3 and len(saved["rlhf_lightning"]["generator_states"]) == 2
+    assert not any(
+        k.startswith(("reference.", "reward_model.")) for k in saved["state_dict"]
+    )  # frozen: rebuilt
+    resumed = _cli(tmp_path, "fit", *ppo, "--trainer.max_steps=4", "--ckpt_path", str(ckpt))
+    out = resumed.stdout + resumed.stderr
+    assert "Restored all states" in out and "reward normalisation" not in out  # restored, not re-measured
+    rows = list(csv.DictReader(sorted((tmp_path / "runs/tiny/ppo").glob("version_*/metrics.csv"))[-1].open()))
+    assert [int(r["step"]) for r in rows if r.get("rollout/score_mean")][-1] == 3  # the 4th iteration logged
+    replies = _cli(tmp_path, "generate", "--ckpt", str(ckpt), "--prompt", "Hi", "--max_new_tokens", "8")
+    assert replies.stdout.strip()
