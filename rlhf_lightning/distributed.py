@@ -222,9 +222,7 @@ def shard_for_strategy(
         )
     mesh = device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
     backbone = getattr(module, "backbone", None)
-    if isinstance(
-        backbone, torch.nn.Module
-    ):  # a reward or value model: the backbone as the policy is, then the head
+    if isinstance(backbone, torch.nn.Module):  # a reward or value model: the backbone first, then the head
         shard_for_strategy(backbone, device_mesh)
     else:
         for layers in _layer_lists(module):

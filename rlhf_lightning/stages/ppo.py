@@ -276,9 +276,8 @@ class PPOModule(LightningModule):
                 "share_value_trunk is not supported under FSDP2: the critic would shard the policy twice"
             )
         shard_for_strategy(self.policy, self.device_mesh)
-        head = list(
-            self.value_model.head.parameters()
-        )  # a (1, D) head: no even shards; averaged by _clip_and_step
+        # the (1, D) value head stays whole on every rank (no even shards); _clip_and_step averages its gradient
+        head = list(self.value_model.head.parameters())
         shard_for_strategy(self.value_model, self.device_mesh, forward_methods=(), replicated=head)
         self.strict_loading = False
 
@@ -540,9 +539,8 @@ class PPOModule(LightningModule):
             params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
             average_gradients(params)  # the mean gradient over data-parallel ranks (DDP's hooks are off)
             if self.ppo.max_grad_norm is not None and params:
-                norms[f"{name}_grad_norm"] = clip_grad_norm_(
-                    params, self.ppo.max_grad_norm
-                )  # FSDP2 shards too
+                # distributed.clip_grad_norm_: FSDP2-sharded gradients may sit beside plain ones
+                norms[f"{name}_grad_norm"] = clip_grad_norm_(params, self.ppo.max_grad_norm)
             opt.step()
         return norms
 

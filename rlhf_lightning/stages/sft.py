@@ -114,9 +114,8 @@ class SFTModule(LightningModule):
         # else: built from the checkpoint payload in on_load_checkpoint (load_from_checkpoint without a Trainer)
         if self.model is not None:
             self._check_fits_data()
-            shard_for_strategy(
-                self.model, self.device_mesh
-            )  # FSDP2 under ModelParallelStrategy, else nothing
+            # FSDP2 under ModelParallelStrategy, else nothing
+            shard_for_strategy(self.model, self.device_mesh)
 
     def _check_fits_data(self) -> None:
         """Fail before training when the DataModule serves sequences longer than the model accepts."""
