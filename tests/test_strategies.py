@@ -1,8 +1,9 @@
-"""The strategy fragments under configs/strategies/ combine with a stage config through the CLI (parsed, not run).
+"""The strategy fragments under configs/strategies/ combine with a stage config through the CLI.
 
 Each fragment is a second ``--config`` after a stage config: its ``trainer`` keys override the stage's, everything
 else stays. A fragment's strategy must be one Lightning knows (a registered name or an importable Strategy class with
-valid arguments), so a typo fails here rather than at the start of a multi-GPU job.
+valid arguments), so a typo fails here rather than at the start of a multi-GPU job. The fragments are parsed, not
+run, except ``fsdp2.yaml``: the slow test runs SFT, the reward model and PPO under it on 2 CPU processes (gloo).
 """
 
 from __future__ import annotations
@@ -187,10 +188,11 @@ def _state(path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sft_and_reward_fit_checkpoint_and_resume_under_fsdp2_on_two_cpu_processes(tmp_path: Path) -> None:
+def test_sft_reward_and_ppo_fit_checkpoint_and_resume_under_fsdp2_on_two_cpu_processes(tmp_path) -> None:
     """The shipped stages under configs/strategies/fsdp2.yaml, no subclass: SFT shards in its own configure_model
     (2 ranks x 4 rows step as 1 process x 8), writes one full checkpoint file, resumes from it, and ``generate`` loads
-    it; the reward model starts from that checkpoint, fits, and resumes the same way."""
+    it; the reward model starts from that checkpoint, fits, and resumes the same way; PPO starts from both, generates
+    from its sharded policy, checkpoints, resumes, and ``generate`` loads its checkpoint."""
     import torch
 
     (tmp_path / "data").symlink_to(REPO / "data")
