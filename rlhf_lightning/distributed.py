@@ -9,6 +9,10 @@ Every function is a collective: every rank must call it, in the same order, with
 
 Moments are reduced as ``(count, sum, sum of squares)`` in float64, so ranks with different numbers of valid tokens
 combine exactly (not as a mean of per-rank means).
+
+:func:`shard_for_strategy` is the stages' FSDP2 hook: called from ``configure_model`` on each network, it applies
+``fully_shard`` when the Trainer's strategy hands the module a device mesh (Lightning's ``ModelParallelStrategy``)
+and does nothing otherwise (one device, DDP, DeepSpeed).
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ __all__ = [
     "all_gather_tensors",
     "all_reduce_sum",
     "average_gradients",
+    "clip_grad_norm_",
     "global_masked_moments",
     "global_mean",
     "global_rank",
     "global_weighted_means",
     "no_backward_sync",
+    "refuse_device_mesh",
+    "shard_for_strategy",
     "world_size",
 ]
 
@@ -128,10 +135,13 @@ def token_mean_scale(local_tokens: Tensor) -> Tensor:
 
 def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     """Replace each ``.grad`` with its mean over ranks (one flat all-reduce). Parameters without a gradient are
-    skipped, so every rank must have gradients on the same parameters (the same code path on every rank)."""
+    skipped, so every rank must have gradients on the same parameters (the same code path on every rank). Gradients
+    of FSDP2-sharded parameters (DTensors) are skipped too: FSDP2's backward has already averaged them."""
     if not _active():
         return
-    grads = [p.grad for p in parameters if p.grad is not None]
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None and not isinstance(p.grad, DTensor)]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -143,6 +153,28 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
+def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (L2, same clip coefficient ``max_norm / (norm + 1e-6)`` capped at 1) for a
+    mix of FSDP2-sharded (DTensor) and plain gradients, which torch's own refuses to combine; returns the total norm
+    as a plain tensor. The norm of sharded gradients is over every rank's shards."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    squares = []
+    for sharded in (True, False):
+        group = [g for g in grads if isinstance(g, DTensor) == sharded]
+        if group:
+            norm = torch.nn.utils.get_total_norm(group)
+            squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().square())
+    total = torch.stack(squares).sum().sqrt()
+    coefficient = float((max_norm / (total + 1e-6)).clamp(max=1.0))
+    for g in grads:
+        g.mul_(coefficient)
+    return total
+
+
 @contextmanager
 def no_backward_sync(module: object) -> Iterator[None]:
     """Switch off a ``DistributedDataParallel`` wrapper's gradient hooks for the backward passes inside the block
@@ -150,3 +182,71 @@ def no_backward_sync(module: object) -> Iterator[None]:
     parallel = torch.nn.parallel.DistributedDataParallel
     with module.no_sync() if isinstance(module, parallel) else nullcontext():
         yield
+
+
+def refuse_device_mesh(device_mesh: object | None, stage: str) -> None:
+    """Fail before training when a stage that does not shard its networks runs under FSDP2 (``device_mesh`` set):
+    its ranks would train unsynchronised copies (ModelParallelStrategy adds no gradient averaging of its own)."""
+    if device_mesh is not None:
+        raise RuntimeError(
+            f"{stage} does not shard its networks, so under FSDP2 (ModelParallelStrategy) its ranks would train "
+            "unsynchronised copies; run it with DDP (configs/strategies/ddp_gpus.yaml or ddp_cpu.yaml)"
+        )
+
+
+def _layer_lists(module: torch.nn.Module) -> list[torch.nn.ModuleList]:
+    """The outermost ``ModuleList`` s under ``module``: a transformer's repeated blocks (``GPT.blocks``, a Hugging Face
+    decoder's ``layers``), the units FSDP2 gathers one at a time."""
+    found: list[torch.nn.ModuleList] = []
+
+    def visit(m: torch.nn.Module) -> None:
+        for child in m.children():
+            if isinstance(child, torch.nn.ModuleList) and len(child):
+                found.append(child)
+            else:
+                visit(child)
+
+    visit(module)
+    return found
+
+
+def shard_for_strategy(
+    module: torch.nn.Module,
+    device_mesh: object | None,
+    forward_methods: Iterable[str] = ("hidden_states",),
+    replicated: Iterable[torch.nn.Parameter] = (),
+) -> torch.nn.Module:
+    """Shard ``module`` with FSDP2 over ``device_mesh``'s data-parallel dimension; a no-op when ``device_mesh`` is None.
+
+    ``device_mesh`` is the LightningModule's ``device_mesh``: set by Lightning's ``ModelParallelStrategy`` (the FSDP2
+    strategy, ``configs/strategies/fsdp2.yaml``) before ``configure_model``, None under every other strategy. Each
+    transformer block is sharded on its own (gathered for its forward and backward only), then the root takes the
+    rest (embeddings, final norm, LM or scalar head). The stages call the backbone's ``hidden_states`` rather than
+    ``forward``, so ``forward_methods`` that the module has are registered to gather the root's parameters too.
+    Parameters, gradients and optimizer states are then split over the ranks; FSDP2 averages gradients over them as
+    DDP does, so the global token-mean losses need no change. Tensor parallelism is not supported
+    (``tensor_parallel_size`` must be 1).
+    """
+    if device_mesh is None:
+        return module
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    names = getattr(device_mesh, "mesh_dim_names", None) or ()
+    if "tensor_parallel" in names and device_mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            f"tensor_parallel_size={device_mesh['tensor_parallel'].size()}: the stages shard with FSDP2 only; set "
+            "the strategy's tensor_parallel_size to 1 (configs/strategies/fsdp2.yaml)"
+        )
+    mesh = device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
+    backbone = getattr(module, "backbone", None)
+    if isinstance(backbone, torch.nn.Module):  # a reward or value model: the backbone first, then the head
+        shard_for_strategy(backbone, device_mesh)
+    else:
+        for layers in _layer_lists(module):
+            for layer in layers:
+                fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh, ignored_params=set(replicated) or None)
+    for name in forward_methods:
+        if callable(getattr(module, name, None)):
+            register_fsdp_forward_method(module, name)
+    return module

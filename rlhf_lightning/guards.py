@@ -17,6 +17,12 @@ process exits with ``128 + signal`` (143 for SIGTERM, 130 for SIGINT) instead of
 handlers are installed when the loops start and Lightning restores the previous ones at teardown; a signal before
 that (model loading, data setup) has its usual effect, with nothing trained to save.
 
+With several processes (DDP, FSDP2) a signal may reach one rank only (``kill`` of the launching process) or every
+rank at slightly different moments (a scheduler); ranks that stopped at different batches would wait on each other's
+collectives for ever. So there the handler only records the signal, and at the end of every training batch the
+ranks agree on it (one all-gather of a number): once any rank has one, every rank stops after that same batch,
+every rank joins in writing the one ``last.ckpt``, and every process exits with ``128 + signal``.
+
 Both are added by default by :class:`rlhf_lightning.stage_cli.RLHFLightningCLI` (``rlhf-lightning fit`` and the
 pipeline); a config that lists one of them in ``trainer.callbacks`` (e.g. ``NonFiniteGuard`` with
 ``max_bad_steps: 3``) keeps its own.
@@ -34,6 +40,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from rlhf_lightning.distributed import all_gather_tensors
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -165,8 +173,19 @@ class Preemption(Callback):
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
-        # Lightning's loops stop at their next check of this flag (SIGINT included: no KeyboardInterrupt mid-step)
-        self._trainer._signal_connector.received_sigterm = True
+        if self._trainer.world_size == 1:  # several processes: on_train_batch_end stops them together
+            # Lightning's loops stop at their next check of this flag (SIGINT included: no KeyboardInterrupt mid-step)
+            self._trainer._signal_connector.received_sigterm = True
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        """Several processes: if any rank has received a signal, every rank stops after this batch."""
+        if trainer.world_size == 1 or not self._installed:
+            return
+        received = torch.tensor(float(self.signum or 0), device=trainer.strategy.root_device)
+        signums = [int(s) for s in all_gather_tensors(received) if s]
+        if signums:
+            self.signum = self.signum or signums[0]
+            trainer._signal_connector.received_sigterm = True
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.signum, self.saved, self._trainer, self._installed = None, None, trainer, False

@@ -31,6 +31,7 @@ from rlhf_lightning.functional.advantages import RunningMoments
 from rlhf_lightning.functional.kl import AdaptiveKLController, kl_k1
 from rlhf_lightning.functional.masked import masked_sum
 from rlhf_lightning.stages.online import generator_payload, rank_seed, restore_generator
+from rlhf_lightning.stages.ppo import PPOModule
 from rlhf_lightning.stages.ppo_metrics import iteration_metrics
 from rlhf_lightning.stages.rollout import rewards_and_advantages
 from rlhf_lightning.types import Rollout
@@ -126,6 +127,60 @@ def _ppo_metrics(rows: slice = slice(None)) -> dict[str, torch.Tensor]:
     return {k: v for k, v in metrics.items() if k.startswith("rollout/")}
 
 
+def _ppo_update(rank: int | None, mesh: object | None = None) -> dict[str, torch.Tensor]:
+    """Policy and critic weights after ``PPOModule._update`` (2 epochs, micro-batches of 3, gradient clipping) on this
+    process's rows of one fixed rollout of 2B rows whose advantages are whitened by ``rewards_and_advantages``: rank
+    r holds rows [rB, (r+1)B) and a minibatch of B; one process holds all 2B in a minibatch of 2B. With a device
+    ``mesh`` the module shards its policy and critic as it does under FSDP2 before the update."""
+    from rlhf_lightning.models.heads import ValueModel
+    from rlhf_lightning.stages.ppo import PPOArgs
+    from rlhf_lightning.stages.rollout import response_logprobs_of, response_values
+    from rlhf_lightning.types import Rollout
+
+    rows = slice(None) if rank is None else slice(rank * B, (rank + 1) * B)
+    policy = _tiny_lm()
+    value_model = ValueModel(_tiny_lm())
+    g = torch.Generator().manual_seed(3)
+    P = 3
+    query = torch.randint(0, 64, (2 * B, P), generator=g)[rows]
+    response = torch.randint(0, 64, (2 * B, R), generator=g)[rows]
+    noise = 0.1 * torch.randn(2, 2 * B, R, generator=g)[:, rows]
+    scores = torch.randn(2 * B, generator=g)[rows]
+    mask = _batch()["mask"][rows]  # uneven token counts per rank
+    sequences, sequence_mask = (
+        torch.cat([query, response], 1),
+        torch.cat([torch.ones_like(query, dtype=bool), mask], 1),
+    )
+    with torch.no_grad():  # old log-probs off the current policy's, so ratios differ from 1 and some clip
+        logprobs = response_logprobs_of(policy, sequences, sequence_mask, P, 1.0) + noise[0]
+        values = response_values(value_model, sequences, sequence_mask, P)
+    ref_logprobs = logprobs + noise[1]
+    rewards, advantages, returns = rewards_and_advantages(
+        scores, logprobs, ref_logprobs, values, mask, kl_beta=0.1, gamma=1.0, lam=0.95
+    )
+    rollout = Rollout(
+        query, torch.ones_like(query, dtype=bool), response, mask, logprobs, ref_logprobs, values, scores, scores,
+        rewards, advantages, returns, torch.zeros(len(query), dtype=bool),
+    )  # fmt: skip
+    ppo = PPOArgs(epochs=2, minibatch_size=len(query), micro_batch_size=3, max_grad_norm=1.0)
+    module = PPOModule("unused", ppo=ppo)
+    module.policy, module.value_model = policy, value_model
+    if mesh is not None:
+        module._device_mesh = mesh  # what ModelParallelStrategy sets before configure_model
+        module._shard_trained_networks()
+    optimizers = (
+        torch.optim.SGD(policy.parameters(), lr=0.5),
+        torch.optim.SGD(value_model.parameters(), lr=0.5),
+    )
+    module.optimizers = lambda use_pl_optimizer=False: optimizers
+    module.manual_backward = lambda loss: loss.backward()
+    module.generator.manual_seed(rank_seed(0, rank or 0))
+    module._update(rollout, update_policy=True)
+    weights = {f"policy.{k}": v for k, v in policy.state_dict().items()}
+    weights.update({f"value.{k}": v for k, v in value_model.state_dict().items()})
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in weights.items()}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -152,6 +207,7 @@ def _on_rank(rank: int) -> dict[str, torch.Tensor]:
     result = _statistics(part)
     result["token_mean_grad"] = _token_mean_gradient(part["mask"])
     result.update({f"ppo:{k}": v for k, v in _ppo_metrics(slice(rank * B, (rank + 1) * B)).items()})
+    result.update({f"ppo_update/{k}": v for k, v in _ppo_update(rank).items()})
     # per-rank means over 3 and 1 items (DPO's pair counts in a short batch), then over 2 and 0
     local = {"a": torch.tensor([1.0, 4.0][rank]), "b": torch.tensor([2.0, -1.0][rank], dtype=torch.float64)}
     for name, weights in (("uneven", (3, 1)), ("empty", (2, 0))):
@@ -236,6 +292,18 @@ def test_ppo_update_is_the_token_mean_over_every_ranks_tokens(two_ranks):
         torch.testing.assert_close(rank["token_mean_grad"], one)
 
 
+def test_ppo_update_on_two_ranks_of_b_rows_gives_the_weights_of_one_rank_of_2b(two_ranks):
+    """PPOModule._update itself on one rollout split over 2 ranks with uneven token counts (global whitening, global
+    token-mean policy and value losses, gradients averaged once per step, clipping after) ends with the policy and
+    critic weights of one process updating on the whole rollout."""
+    one = _ppo_update(None)
+    start = {f"policy.{k}": v for k, v in _tiny_lm().state_dict().items()}
+    assert any(not torch.equal(one[k], v) for k, v in start.items())  # the update moved the policy
+    for rank in two_ranks:
+        for name, weight in one.items():
+            torch.testing.assert_close(rank[f"ppo_update/{name}"], weight, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_every_rank_resumes_its_own_generator_stream(two_ranks):
     first, second = two_ranks
     assert not torch.equal(first["before"], second["before"])  # distinct samples per rank before the save
@@ -244,6 +312,72 @@ def test_every_rank_resumes_its_own_generator_stream(two_ranks):
     # a checkpoint holding only rank 0's state: rank 0 continues it, rank 1 starts a stream of its own
     torch.testing.assert_close(first["legacy"], first["before"])
     assert not torch.equal(second["legacy"], first["legacy"])
+
+
+# ------------------------------------------------------------------------------------------------- FSDP2 sharding
+def _lm_gradients(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Full gradients of a toy LM loss that goes through ``hidden_states`` then ``lm_head``, as the SFT loss does."""
+    model.lm_head(model.hidden_states(ids)).logsumexp(-1).mean().backward()
+    return {n: getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for n, p in model.named_parameters()}
+
+
+def _tiny_lm() -> torch.nn.Module:
+    from rlhf_lightning.models.factory import ModelArgs, build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelArgs(preset="tiny", dropout=0.0), 64)
+
+
+def _on_shard_rank(rank: int) -> dict[str, torch.Tensor]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from rlhf_lightning.distributed import shard_for_strategy
+
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    model = shard_for_strategy(_tiny_lm(), mesh)  # ModelParallelStrategy's mesh, tensor_parallel_size 1
+    ids = torch.randint(0, 64, (2 * B, 8), generator=torch.Generator().manual_seed(2))[
+        rank * B : (rank + 1) * B
+    ]
+    result = {f"grad/{n}": g for n, g in _lm_gradients(model, ids).items()}
+    result["all_dtensors"] = torch.tensor(all(isinstance(p, DTensor) for p in model.parameters()))
+    result["local_wte_rows"] = torch.tensor(model.wte.weight.to_local().shape[0])
+    result.update({f"ppo_update/{k}": v for k, v in _ppo_update(rank, mesh).items()})
+    return result
+
+
+@pytest.fixture(scope="module")
+def sharded_ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
+    return run_on_two_ranks(_on_shard_rank, tmp_path_factory.mktemp("fsdp2"))
+
+
+def test_stage_networks_shard_with_fsdp2_on_a_device_mesh_and_step_on_the_global_mean(sharded_ranks):
+    """``shard_for_strategy`` (what SFT and the reward model call in ``configure_model``): with a mesh every
+    parameter is a DTensor holding half the rows on each of 2 ranks, and the averaged gradient of 2 x b rows equals
+    one process's gradient on 2b; without a mesh it changes nothing."""
+    from rlhf_lightning.distributed import shard_for_strategy
+
+    ranks = sharded_ranks
+    model = _tiny_lm()
+    assert (
+        shard_for_strategy(model, None) is model and type(model).__name__ == "GPT"
+    )  # a no-op without a mesh
+    expected = _lm_gradients(
+        model, torch.randint(0, 64, (2 * B, 8), generator=torch.Generator().manual_seed(2))
+    )
+    for rank in ranks:
+        assert bool(rank["all_dtensors"]) and int(rank["local_wte_rows"]) == 32  # 64 rows split over 2 ranks
+        for name, grad in expected.items():
+            torch.testing.assert_close(rank[f"grad/{name}"], grad, msg=name)
+
+
+def test_ppo_update_with_fsdp2_sharded_networks_gives_the_weights_of_one_rank(sharded_ranks):
+    """PPOModule under FSDP2 (policy and critic sharded by its own configure_model step, the critic's (1, D) head
+    kept whole and averaged by PPO): the update on 2 ranks x B rows ends with one process's weights on 2B rows."""
+    one = _ppo_update(None)
+    for rank in sharded_ranks:
+        for name, weight in one.items():
+            torch.testing.assert_close(rank[f"ppo_update/{name}"], weight, atol=1e-6, rtol=1e-5, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------------- SFT loss
@@ -290,9 +424,11 @@ def test_sft_accumulated_step_is_the_token_mean_of_the_whole_step(tmp_path, tiny
 
 
 # --------------------------------------------------------------------------------------- the shipped configs, 2 ranks
-def _fit(config: str, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+def _fit(config: str, cwd: Path, *extra: str, devices: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "rlhf_lightning.cli", "fit", "--config", str(REPO / "configs" / config)]
-    cmd += ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", *extra]
+    if devices > 1:
+        cmd += ["--trainer.strategy", "ddp", "--trainer.devices", str(devices)]
+    cmd += ["--trainer.accelerator", "cpu", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -339,3 +475,57 @@ def test_sft_reward_and_ppo_tiny_configs_run_on_two_cpu_ranks(tmp_path):
     rows = _metrics(tmp_path / "runs/tiny/ppo")
     assert _last(rows, "ppo/kl_beta") != 0.05  # the adaptive controller moved beta (the same on both ranks)
     assert abs(_last(rows, "rollout/score_mean")) <= 5
+
+
+# ------------------------------------------------------------------------------ 2 ranks x b == 1 rank x 2b, end to end
+def _weights_after(
+    config: str, folder: Path, devices: int, batch_size: int, *extra: str
+) -> dict[str, torch.Tensor]:
+    """The weights ``config`` ends with when run through ``rlhf-lightning fit`` on ``devices`` gloo processes of
+    ``batch_size`` rows each (dropout off; one shared tokenizer, trained by the first run)."""
+    folder.mkdir()
+    (folder / "data").symlink_to(REPO / "data")
+    tokenizer = folder.parent / "tokenizer.json"
+    _fit(
+        config,
+        folder,
+        f"--data.init_args.batch_size={batch_size}",
+        f"--data.init_args.tokenizer_path={tokenizer}",
+        "--model.init_args.model.dropout=0.0",
+        *extra,
+        devices=devices,
+    )
+    (ckpt,) = folder.glob("runs/tiny/**/checkpoints/last.ckpt")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3  # three optimizer steps
+    return checkpoint["state_dict"]
+
+
+def _assert_same_weights(two: dict[str, torch.Tensor], one: dict[str, torch.Tensor]) -> None:
+    assert two.keys() == one.keys()
+    worst = max(float((two[n].float() - one[n].float()).abs().max()) for n in one)
+    print(f"largest weight difference, 2 ranks x b vs 1 x 2b: {worst:.2e}")
+    # float rounding differs (gradients summed in another order) and Adam divides it by tiny second moments: up to
+    # ~1e-5 measured; a different split of the rows or a mean of per-rank means moves weights by ~1e-3 (a step)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=5e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_sft_on_two_ranks_of_batch_b_ends_with_the_weights_of_one_rank_of_batch_2b(tmp_path):
+    """sft_tiny.yaml for 3 AdamW steps (clipping and warm-up as shipped): 2 gloo ranks x 4 conversations end with the
+    weights of 1 process x 8. Needs the sampler to hand rank r the r-th half of the single process's batch, and the
+    loss to be the token mean of the whole global batch (the ranks hold different token counts)."""
+    steps = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1"]
+    one = _weights_after("sft_tiny.yaml", tmp_path / "one", 1, 8, *steps)
+    two = _weights_after("sft_tiny.yaml", tmp_path / "two", 2, 4, *steps)
+    _assert_same_weights(two, one)
+
+
+@pytest.mark.slow
+def test_reward_model_on_two_ranks_of_batch_b_ends_with_the_weights_of_one_rank_of_batch_2b(tmp_path):
+    """reward_tiny.yaml from random weights for 3 steps: 2 gloo ranks x 2 pairs == 1 process x 4 pairs."""
+    steps = ["--model.init_args.init_from=null", "--trainer.max_steps=3", "--trainer.limit_val_batches=0"]
+    one = _weights_after("reward_tiny.yaml", tmp_path / "one", 1, 4, *steps)
+    two = _weights_after("reward_tiny.yaml", tmp_path / "two", 2, 2, *steps)
+    _assert_same_weights(two, one)

@@ -46,8 +46,8 @@ def _fit_config(tmp_path: Path, tokenizer: str) -> Path:
     return path
 
 
-def _fit(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _fit(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "rlhf_lightning.cli", "fit", *args],
         cwd=REPO,
@@ -112,3 +112,51 @@ def test_pipeline_sigterm_leaves_the_stage_unfinished_and_a_rerun_resumes(tmp_pa
     assert rerun.returncode == 0, out
     assert f"sft: resuming from {last}" in out
     assert (run / "sft" / "done.json").is_file()
+
+
+@pytest.mark.slow  # three 2-process runs: about two minutes
+def test_ddp_run_killed_by_sigterm_on_one_rank_saves_and_resumes_to_the_uninterrupted_weights(
+    tmp_path, tiny_tokenizer
+):
+    """SFT on 2 gloo DDP processes; SIGTERM reaches the launching process (rank 0) only. Both ranks stop after the
+    same batch, last.ckpt is written and the launcher exits 143 (no rank left waiting on the other); the resumed run
+    then ends with the weights of a run never interrupted (same schedule, same batches on each rank)."""
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    ddp += ["--model.init_args.model.dropout=0.0", "--model.init_args.scheduler.init_args.total_steps=10000"]
+    env = {"OMP_NUM_THREADS": "1"}
+    config = _fit_config(tmp_path, tiny_tokenizer.source)
+    proc = _fit("--config", str(config), *ddp, env=env)
+    _wait_for("step-*.ckpt", tmp_path / "checkpoints", proc)
+    proc.send_signal(signal.SIGTERM)  # the launcher is rank 0; rank 1, its child, gets no signal
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 143, out
+    assert "stopped by SIGTERM" in out
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 1 <= step < 10_000
+    end = str(step + 3)
+    rerun = _fit("--config", str(config), *ddp, "--ckpt_path", str(last), "--trainer.max_steps", end, env=env)
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    assert f"Restored all states from the checkpoint at {last}" in out
+    straight_dir = tmp_path / "straight"
+    straight_dir.mkdir()
+    straight = _fit(
+        "--config",
+        str(_fit_config(straight_dir, tiny_tokenizer.source)),
+        *ddp,
+        "--trainer.max_steps",
+        end,
+        env=env,
+    )
+    out, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, out
+    (resumed,) = [
+        torch.load(p, map_location="cpu", weights_only=False) for p in tmp_path.glob("checkpoints/step-*")
+    ]
+    (expected,) = [
+        torch.load(p, map_location="cpu", weights_only=False) for p in straight_dir.glob("checkpoints/step-*")
+    ]
+    assert resumed["global_step"] == expected["global_step"] == step + 3
+    for name, weight in expected["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], weight, atol=1e-6, rtol=1e-5, msg=name)

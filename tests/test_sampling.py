@@ -92,6 +92,35 @@ def test_shards_across_ranks_cover_everything():
     assert set(flat([b for r in per_rank for b in r])) == set(range(41))
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_ranks_of_batch_b_step_on_the_rows_one_process_of_batch_nb_steps_on(drop_last):
+    """Rank r's k-th batch is the r-th slice of the k-th batch of one process with batch_size x ranks, so N ranks
+    x b see what 1 rank x Nb sees, step by step (not N different length buckets)."""
+    lengths = [(7 * i) % 23 + 1 for i in range(41)]  # 41 rows: the last global batch of 12 is short (5 rows)
+
+    def make(batch_size: int, replicas: int = 1, rank: int = 0) -> LengthBucketBatchSampler:
+        return LengthBucketBatchSampler(
+            lengths,
+            batch_size,
+            seed=3,
+            drop_last=drop_last,
+            bucket_size_multiplier=2,
+            num_replicas=replicas,
+            rank=rank,
+        )
+
+    one = list(make(12))
+    ranks = [list(make(4, 3, r)) for r in range(3)]
+    assert all(len(r) == len(one) == len(make(4, 3)) for r in ranks)
+    for k, whole in enumerate(one):
+        if len(whole) == 12:
+            # rank 0 holds the first 4 rows, rank 1 the next 4, ...
+            assert flat([r[k] for r in ranks]) == whole
+        else:  # the short last batch: padded with its own rows to a multiple of 3, split evenly
+            assert not drop_last
+            assert all(len(r[k]) == 2 for r in ranks) and set(flat([r[k] for r in ranks])) == set(whole)
+
+
 def test_cycling_stream_resumes_at_position():
     lengths = list(range(1, 31))
     base = LengthBucketBatchSampler(lengths, 4, seed=7, drop_last=True, bucket_size_multiplier=1)

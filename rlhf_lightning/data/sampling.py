@@ -17,8 +17,12 @@ of the DataLoader (worker processes read ahead of the training loop), so Lightni
 with the batch after the checkpoint's, and the batches it skips are the ones Lightning's loop counters
 (``batch_progress``) record as done.
 
-Distributed runs: the samplers shard whole batches by ``(num_replicas, rank)`` themselves (the list of batches is
-padded by repeating its head so every rank gets the same count, as ``DistributedSampler`` does). Lightning cannot
+Distributed runs: the samplers shard by ``(num_replicas, rank)`` themselves. They cut *global* batches of
+``batch_size * num_replicas`` rows exactly as one process with that batch size would (same permutation, same
+length-sorted chunks), and rank ``r`` takes the ``r``-th slice of ``batch_size`` rows of each. So ``N`` ranks with
+``batch_size`` b step on exactly the rows one process with ``batch_size`` ``N * b`` steps on (DESIGN.md: 2 ranks x b
+behave as 1 rank x 2b). A short last global batch is padded by repeating its own rows up to a multiple of
+``num_replicas`` (as ``DistributedSampler`` pads), so every rank gets a batch of the same size. Lightning cannot
 inject its own distributed sampler into a custom batch sampler, so multi-device runs set
 ``Trainer(use_distributed_sampler=False)``; the DataModules pass ``world_size``/``global_rank`` in.
 """
@@ -70,7 +74,8 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         drop_last: drop the one short batch (if any) instead of yielding it.
         bucket_size_multiplier: a chunk of ``batch_size * bucket_size_multiplier`` shuffled indices is sorted by
             length before batching. 1 = random batching; larger = less padding, less random composition.
-        num_replicas, rank: shard whole batches across data-parallel ranks.
+        num_replicas, rank: data-parallel ranks; ``batch_size`` is per rank, and rank ``rank`` yields its slice of
+            each global batch of ``batch_size * num_replicas`` rows (see the module notes).
 
     ``state_dict()`` / ``load_state_dict()`` save and restore the position within an epoch (see the module notes);
     every rank yields the same number of batches, so one rank's state resumes all of them.
@@ -112,37 +117,45 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         """Select the permutation of ``epoch`` (Lightning calls this, through ``.sampler``, at each epoch start)."""
         self.epoch = epoch
 
+    @property
+    def global_batch_size(self) -> int:
+        """Rows of one step over every rank: ``batch_size * num_replicas``."""
+        return self.batch_size * self.num_replicas
+
     def _all_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches of ``epoch``: what one process with ``global_batch_size`` would yield."""
         n = len(self.lengths)
         if n == 0:
             return []
+        size = self.global_batch_size
         g = _epoch_generator(self.seed, epoch)
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        chunk = self.batch_size * self.bucket_size_multiplier
+        chunk = size * self.bucket_size_multiplier
         batches: list[list[int]] = []
         for start in range(0, n, chunk):
             idx = order[start : start + chunk]
             # stable sort on -length: longest first, ties keep their (shuffled) order, so it is deterministic
             idx = idx[torch.sort(-self.lengths[idx], stable=True).indices]
-            batches.extend(idx[i : i + self.batch_size].tolist() for i in range(0, len(idx), self.batch_size))
+            batches.extend(idx[i : i + size].tolist() for i in range(0, len(idx), size))
         # only the very last batch (end of the last chunk) can be short
-        if self.drop_last and len(batches[-1]) < self.batch_size:
+        if self.drop_last and len(batches[-1]) < size:
             batches.pop()
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return batches
 
     def epoch_batches(self, epoch: int | None = None) -> list[list[int]]:
-        """The batches this rank yields in ``epoch`` (default: the current one)."""
+        """The batches this rank yields in ``epoch`` (default: the current one): its slice of each global batch."""
         batches = self._all_batches(self.epoch if epoch is None else epoch)
-        if self.num_replicas == 1 or not batches:
+        if self.num_replicas == 1:
             return batches
-        if self.drop_last:
-            batches = batches[: len(batches) - len(batches) % self.num_replicas]
-        else:
-            short = -len(batches) % self.num_replicas
-            batches = batches + [batches[i % len(batches)] for i in range(short)]
-        return batches[self.rank :: self.num_replicas]
+        mine = []
+        for batch in batches:
+            short = -len(batch) % self.num_replicas  # a short last batch: pad with its own rows, cyclically
+            batch = batch + [batch[i % len(batch)] for i in range(short)]
+            per_rank = len(batch) // self.num_replicas
+            mine.append(batch[self.rank * per_rank : (self.rank + 1) * per_rank])
+        return mine
 
     def __iter__(self) -> Iterator[list[int]]:
         # a generator: the pass starts at the first next(), after Lightning's set_epoch
@@ -157,11 +170,8 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
             yield batch
 
     def __len__(self) -> int:
-        n = len(self.lengths)
-        total = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-        if self.num_replicas == 1:
-            return total
-        return total // self.num_replicas if self.drop_last else -(-total // self.num_replicas)
+        n, size = len(self.lengths), self.global_batch_size
+        return n // size if self.drop_last else -(-n // size)
 
     def _layout(self) -> dict[str, Any]:
         """What decides the batches: a state saved under a different layout resumes a different order."""

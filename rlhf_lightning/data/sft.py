@@ -427,4 +427,5 @@ class SFTDataModule(ChatDataModule):
         """Training batches per epoch on this rank (after ``setup()``)."""
         assert self.train_dataset is not None, "call setup() first"
         replicas, _ = world_size_and_rank(self.trainer)
-        return math.ceil(math.ceil(len(self.train_dataset) / self.batch_size) / replicas)
+        # one batch per global batch of batch_size x replicas rows (data/sampling.py)
+        return math.ceil(len(self.train_dataset) / (self.batch_size * replicas))

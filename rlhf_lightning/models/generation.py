@@ -6,7 +6,8 @@ logits (Fan et al., 2018) and/or the smallest set of tokens whose probability re
 Holtzman et al., 2020; at least one token is always kept), then sample; greedy (argmax) when ``do_sample`` is False.
 
 Responses are truncated at each row's first EOS: the EOS itself counts (mask True); later positions hold
-``pad_token_id`` and mask False. Decoding stops as soon as every row has finished, so R <= ``max_new_tokens``.
+``pad_token_id`` and mask False. Decoding stops as soon as every row has finished, so R <= ``max_new_tokens`` (for a
+model sharded with FSDP2, every row of every data-parallel rank: the ranks' forwards are collectives).
 
 For PPO the log-probs seen during the rollout must match the ones recomputed in training, so
 ``output_logprobs=True`` returns ``log_softmax(logits / temperature)`` of each chosen token, before any top-k/top-p
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from rlhf_lightning.distributed import all_reduce_sum
 
 __all__ = ["GenerationArgs", "GenerationOutput", "check_left_padded", "generate", "sample_next_token"]
 
@@ -123,6 +126,17 @@ def sample_next_token(
 
 
 @torch.no_grad()
+def _all_finished(finished: Tensor, model: nn.Module) -> bool:
+    """Every row has finished; for a model sharded with FSDP2, every row of every rank: each forward gathers the
+    parameters from all ranks, so the ranks must take the same number of steps (a rank whose rows are all done keeps
+    stepping, emitting padding, until the others finish)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        return bool(all_reduce_sum((~finished).sum().float()) == 0)
+    return bool(finished.all())
+
+
 def generate(
     model: nn.Module,
     input_ids: Tensor,
@@ -186,7 +200,7 @@ def generate(
             mask[:, step] = alive
             finished = finished | (token == eos_token_id)
             steps = step + 1
-            if step == n_new - 1 or bool(finished.all()):
+            if step == n_new - 1 or _all_finished(finished, model):
                 break
             if use_cache:
                 h = model.hidden_states(token[:, None], ones, cache=cache)[:, -1]

@@ -49,7 +49,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from rlhf_lightning.distributed import global_weighted_means, world_size
+from rlhf_lightning.distributed import global_weighted_means, refuse_device_mesh, world_size
 from rlhf_lightning.functional.logprobs import logprobs_from_logits
 from rlhf_lightning.functional.losses import dpo_loss, ipo_loss
 from rlhf_lightning.models.factory import model_spec
@@ -196,6 +196,7 @@ class DPOModule(LightningModule):
         """Build the policy and its frozen reference from ``policy_from`` (dropout off)."""
         if self.policy is not None:
             return
+        refuse_device_mesh(self.device_mesh, "DPO")
         checkpoint = load_checkpoint(self.policy_from)
         payload = checkpoint[PAYLOAD_KEY]
         state = submodule_state(

@@ -40,7 +40,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
-from rlhf_lightning.distributed import all_reduce_sum, average_gradients, world_size
+from rlhf_lightning.distributed import all_reduce_sum, average_gradients, refuse_device_mesh, world_size
 from rlhf_lightning.functional.advantages import BASELINES, group_advantages
 from rlhf_lightning.functional.kl import kl_k1, kl_k3
 from rlhf_lightning.functional.losses import ppo_policy_loss
@@ -202,6 +202,7 @@ class GRPOModule(LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
+        refuse_device_mesh(self.device_mesh, "GRPO/RLOO")
         tokenizer = resolve_tokenizer(self, self.tokenizer_path)
         nets = load_networks(self.policy_from, self.reward_from, None, False, tokenizer)  # no critic
         self.policy, self.reference, self.tokenizer = nets.policy, nets.reference, nets.tokenizer

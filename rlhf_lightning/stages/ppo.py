@@ -56,8 +56,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from rlhf_lightning.distributed import (
     all_reduce_sum,
     average_gradients,
+    clip_grad_norm_,
     global_mean,
     global_rank,
+    shard_for_strategy,
     token_mean_scale,
     world_size,
 )
@@ -68,7 +70,7 @@ from rlhf_lightning.functional.masked import masked_mean
 from rlhf_lightning.guards import check_finite
 from rlhf_lightning.models.factory import model_spec
 from rlhf_lightning.models.generation import GenerationArgs
-from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY
+from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY, SetupError
 from rlhf_lightning.stages.online import (
     HeldOutJudges,
     backward_unsynced,
@@ -270,8 +272,26 @@ class PPOModule(LightningModule):
         )
         self._critic_from_reward_head = nets.critic_from_reward_head
         self.judges.load_models(self.tokenizer, self.trust_remote_code)
+        self._shard_trained_networks()
         if self.score_stats is not None:  # restored from a checkpoint before the networks were built
             self.reward_model.set_score_stats(self.score_stats.mean, self.score_stats.std)
+
+    def _shard_trained_networks(self) -> None:
+        """Under FSDP2 (a strategy that gives a device mesh): shard the policy and the critic, the two networks that
+        train. The frozen reference and reward model stay whole on every rank (each forwards its own rows). Resume
+        loads the checkpoint before ``on_load_checkpoint`` can put the frozen networks (left out of checkpoints)
+        back, so loading is not strict here."""
+        if self.device_mesh is None:
+            return
+        if self.share_value_trunk:
+            raise SetupError(
+                "share_value_trunk is not supported under FSDP2: the critic would shard the policy twice"
+            )
+        shard_for_strategy(self.policy, self.device_mesh)
+        # the (1, D) value head stays whole on every rank (no even shards); _clip_and_step averages its gradient
+        head = list(self.value_model.head.parameters())
+        shard_for_strategy(self.value_model, self.device_mesh, forward_methods=(), replicated=head)
+        self.strict_loading = False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the frozen networks are rebuilt from policy_from / reward_from: a checkpoint stores what resume needs
@@ -368,7 +388,13 @@ class PPOModule(LightningModule):
         if not self._generator_seeded:  # different sampling seeds per data-parallel rank
             self.generator.manual_seed(rank_seed(self.seed, self.global_rank))
             self._generator_seeded = True
-        self._calibrate_from_datamodule()
+        # FSDP (and DeepSpeed) restore a checkpoint only after this hook: calibrate in on_train_start there, so that
+        # a resumed run takes its statistics and critic head from the checkpoint instead of sampling and refitting
+        if not getattr(getattr(self._trainer, "strategy", None), "restore_checkpoint_after_setup", False):
+            self._calibrate_from_datamodule()
+
+    def on_train_start(self) -> None:
+        self._calibrate_from_datamodule()  # nothing left to do unless the strategy restored after on_fit_start
 
     def on_validation_start(self) -> None:
         self._calibrate_from_datamodule()
@@ -510,7 +536,8 @@ class PPOModule(LightningModule):
             params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
             average_gradients(params)  # the mean gradient over data-parallel ranks (DDP's hooks are off)
             if self.ppo.max_grad_norm is not None and params:
-                norms[f"{name}_grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.ppo.max_grad_norm)
+                # distributed.clip_grad_norm_: FSDP2-sharded gradients may sit beside plain ones
+                norms[f"{name}_grad_norm"] = clip_grad_norm_(params, self.ppo.max_grad_norm)
             opt.step()
         return norms
 

@@ -46,6 +46,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 
+from rlhf_lightning.distributed import shard_for_strategy
 from rlhf_lightning.functional.losses import pairwise_loss
 from rlhf_lightning.models.factory import ModelArgs, build_model, model_from_spec, model_spec
 from rlhf_lightning.models.heads import RewardModel
@@ -135,6 +136,8 @@ class RewardModule(LightningModule):
                 backbone.merge_adapter(fresh=False)  # the same function, every weight now trainable
         elif self.tokenizer is not None:
             self.reward_model = RewardModel(build_model(self.model_args, self.tokenizer.vocab_size))
+        if self.reward_model is not None:  # FSDP2 under ModelParallelStrategy, else nothing
+            shard_for_strategy(self.reward_model, self.device_mesh, forward_methods=())
 
     def _model(self) -> RewardModel:
         """The reward model, or a clear error when nothing could build it."""

@@ -38,7 +38,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
-from rlhf_lightning.distributed import all_reduce_sum, world_size
+from rlhf_lightning.distributed import all_reduce_sum, shard_for_strategy, world_size
 from rlhf_lightning.functional.losses import token_nll_loss
 from rlhf_lightning.models.factory import ModelArgs, build_model, model_from_spec, model_spec
 from rlhf_lightning.optim import WarmupCosineLR, bind_total_steps
@@ -87,6 +87,15 @@ class SFTModule(LightningModule):
         self._tokens_in_step = 0
         self._target_tokens = torch.zeros(())  # assistant tokens backpropagated since the last optimizer step
 
+    def setup(self, stage: str) -> None:
+        """Refuse DeepSpeed: ZeRO keeps gradients out of ``param.grad``, so :meth:`on_before_optimizer_step` could
+        not turn the backpropagated token sums into the token mean, and the run would step on token sums."""
+        if type(self.trainer.strategy).__name__.startswith("DeepSpeed"):
+            raise SetupError(
+                "SFT under DeepSpeed would step on token sums (its loss is rescaled on param.grad, which ZeRO leaves "
+                "empty); use DDP or FSDP2 for SFT (configs/strategies/ddp_gpus.yaml, fsdp2.yaml)"
+            )
+
     # -- weights ---------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Build the network (fresh preset, or ``init_from``'s weights) and check it fits the data."""
@@ -105,6 +114,8 @@ class SFTModule(LightningModule):
         # else: built from the checkpoint payload in on_load_checkpoint (load_from_checkpoint without a Trainer)
         if self.model is not None:
             self._check_fits_data()
+            # FSDP2 under ModelParallelStrategy, else nothing
+            shard_for_strategy(self.model, self.device_mesh)
 
     def _check_fits_data(self) -> None:
         """Fail before training when the DataModule serves sequences longer than the model accepts."""
