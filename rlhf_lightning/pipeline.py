@@ -28,6 +28,24 @@ replaced.
 A stage with ``done.json`` is skipped on a rerun; a stage with checkpoints but no ``done.json`` was interrupted and
 resumes from its ``last.ckpt``. Every stage's config and data are checked before the first stage trains, without
 a Trainer (:meth:`RLHFPipeline.validate`): each stage builds one Trainer and sets its seed once.
+
+Several devices (``devices``, ``strategy``, ``num_nodes``, written into every stage's ``trainer``), e.g.
+``rlhf-lightning pipeline --config configs/pipeline_tiny.yaml --devices 2 --strategy ddp --device cpu``: the stages
+run in this process as they do on one device. Lightning's DDP launcher starts the other ranks at the first stage's
+first Trainer call by running the same command again (with ``LOCAL_RANK`` set); it then sets ``LOCAL_RANK=0`` in this
+process, so the later stages' Trainers find their ranks running and reuse the process group instead of launching
+new ones. Every rank runs the whole pipeline; only rank 0 (:func:`is_main_process`) writes the bookkeeping
+(``config.yaml``, ``before.json``, ``done.json``, ``summary.json``, plots, archived folders), deletes with
+``overwrite``, prints and evaluates. The other ranks read the run folder only where it cannot yet have changed
+(before the process group exists, i.e. before the first Trainer: rank 0 is then blocked waiting for them); once it
+exists every decision taken from the folder (finished or not, resume, ``before.json``) and the checkpoint handed to
+the next stage are rank 0's, broadcast (:func:`agree`). Why in-process rather than one ``rlhf-lightning fit``
+subprocess per stage: the stages' results (chosen checkpoint, metrics, evaluation settings) and user objects
+(``datamodules`` classes defined in ``__main__``) stay in one process, the stage runs are exactly the single-device
+ones, and the launcher's own re-run is what ``rlhf-lightning fit`` relies on already. Several nodes
+(``num_nodes`` > 1, each node's command started by hand or by SLURM): the other nodes read the run folder before the
+process group exists too, so start a fresh run there without ``--overwrite`` or ``--stages`` reruns (both change the
+folder before the first stage).
 """
 
 from __future__ import annotations
@@ -35,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import shutil
 import sys
 import time
@@ -87,6 +106,12 @@ class RLHFConfig:
         ppo_lr_value: critic learning rate in PPO (GRPO and RLOO have no critic: unused).
         ppo_batch_size: prompts per PPO (GRPO, RLOO) iteration.
         device: ``auto`` (CUDA, MPS or CPU), ``cpu``, ``cuda``/``gpu`` or ``mps``.
+        devices: devices per node for every stage (``trainer.devices``: a count, ``auto``, ``-1`` or a list of ids);
+            None keeps each stage config's own. With ``strategy: ddp`` the pipeline runs data-parallel, e.g.
+            ``devices: 2, strategy: ddp, device: cpu`` (2 gloo processes; see the module docstring).
+        strategy: every stage's ``trainer.strategy`` (``ddp``, ``fsdp``, ``deepspeed_stage_2``, ... or a
+            ``{"class_path": ..., "init_args": ...}`` dict); None keeps each stage config's own.
+        num_nodes: every stage's ``trainer.num_nodes``; None keeps each stage config's own.
         save_dir: run folder: one sub-folder per stage, the tokenizer and summary.json.
         save_interval: PPO (GRPO, RLOO) iterations between checkpoints.
         model_preset: size preset of the built-in model (tiny, small, medium, large); None keeps the stage configs'.
@@ -118,6 +143,9 @@ class RLHFConfig:
     ppo_lr_value: float | None = None
     ppo_batch_size: int | None = None
     device: str = "auto"
+    devices: int | str | list[int] | None = None
+    strategy: str | dict[str, Any] | None = None
+    num_nodes: int | None = None
     save_dir: str = "runs/pipeline"
     save_interval: int | None = None
     model_preset: str | None = None
@@ -142,7 +170,14 @@ class RLHFConfig:
             raise ValueError(f"logger={self.logger!r}; expected one of {LOGGER_CHOICES}")
         if self.eval_prompts < 0:
             raise ValueError(f"eval_prompts={self.eval_prompts}; expected 0 (off) or a positive count")
-        for name in ("sft_epochs", "reward_epochs", "ppo_iterations", "ppo_batch_size", "save_interval"):
+        for name in (
+            "sft_epochs",
+            "reward_epochs",
+            "ppo_iterations",
+            "ppo_batch_size",
+            "save_interval",
+            "num_nodes",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}; expected a positive integer")
@@ -258,6 +293,9 @@ class RLHFPipeline:
         if stage in self.datamodules:
             config["data"] = copy.deepcopy(self.datamodules[stage])
         _set(config, "trainer.accelerator", "gpu" if c.device == "cuda" else c.device)
+        for key in ("devices", "strategy", "num_nodes"):  # None: the stage config's own
+            if getattr(c, key) is not None:
+                _set(config, f"trainer.{key}", copy.deepcopy(getattr(c, key)))
         _set(config, "trainer.default_root_dir", str(folder))
         _set(config, "trainer.logger", _stage_loggers(c.logger, folder, stage, self.root.resolve().name))
         for callback in _callbacks(config, "ModelCheckpoint"):
@@ -379,7 +417,8 @@ class RLHFPipeline:
     # -- running ------------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run (or resume) the selected stages and return the summary."""
-        if self.overwrite and self.root.exists():
+        main = is_main_process()
+        if self.overwrite and self.root.exists() and main:  # a rank Lightning started later must not delete
             shutil.rmtree(self.root)
         self.validate()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -387,18 +426,20 @@ class RLHFPipeline:
         summary["config"] = asdict(self.config)
         inputs: dict[str, str] = {}
         for stage in self.chain:
-            done = self._read_json(self.root / stage / "done.json")
+            # every rank acts on rank 0's reading (the run folder changes under the ranks' feet)
+            done = agree(self._read_json(self.root / stage / "done.json"))
             if stage not in self.stages:
                 if done:
                     inputs[stage] = done["checkpoint"]
                 continue
             if done and self.rerun:
-                kept = self._archive(stage)
-                print(
+                kept = self._archive(stage) if main else None
+                agree(None)  # the old folder is moved aside before any rank goes on
+                say(
                     f"[pipeline] {stage}: finished earlier; running it again as asked (previous run kept in {kept})"
                 )
             elif done:
-                print(f"[pipeline] {stage}: finished earlier, skipped ({done['checkpoint']})")
+                say(f"[pipeline] {stage}: finished earlier, skipped ({done['checkpoint']})")
                 inputs[stage] = done["checkpoint"]
                 summary["stages"][stage] = done["results"]
                 continue
@@ -411,9 +452,13 @@ class RLHFPipeline:
             result = self._run_stage(stage, inputs)
             inputs[stage] = result["checkpoint"]
             summary["stages"][stage] = result["results"]
-            self._write_json(self.root / stage / "done.json", result)
-            self._write_json(self.root / "summary.json", summary)
+            if main:
+                self._write_json(self.root / stage / "done.json", result)
+                self._write_json(self.root / "summary.json", summary)
         self._checked.clear()  # builds of stages skipped as finished: not needed any more
+        agree(None)  # every rank has finished training before the others leave
+        if not main:  # the closing evaluation and the summary are rank 0's
+            return summary
         final = self.chain[-1]
         if final in self.stages and final in ONLINE_STAGES and self.config.eval_prompts:
             summary["evaluation"] = self._evaluate(inputs, summary.get("evaluation"))
@@ -506,15 +551,16 @@ class RLHFPipeline:
 
     def _run_stage(self, stage: str, inputs: dict[str, str]) -> dict[str, Any]:
         folder = self.root / stage
-        folder.mkdir(parents=True, exist_ok=True)
         config = self.stage_config(stage, inputs)
-        (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        if is_main_process():
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         last = folder / "checkpoints" / "last.ckpt"
-        resume = str(last) if last.is_file() else None
-        print(f"[pipeline] {stage}: {'resuming from ' + resume if resume else 'starting'}")
+        resume = agree(str(last) if last.is_file() else None)
+        say(f"[pipeline] {stage}: {'resuming from ' + resume if resume else 'starting'}")
         data_args = config.get("data", {}).get("init_args", {})
         if "train_path" in data_args:
-            print(
+            say(
                 f"[pipeline] {stage}: trains on {data_args['train_path']}, validates on {validation_source(data_args)}"
             )
         # copied before parsing, which edits the dict in place
@@ -525,7 +571,12 @@ class RLHFPipeline:
             logger.log_hyperparams(logged)
         try:
             outcome = self._train(stage, folder, trainer, model, data, resume)
-            if stage == self.chain[-1] and stage in ONLINE_STAGES and self.config.eval_prompts:
+            if (
+                stage == self.chain[-1]
+                and stage in ONLINE_STAGES
+                and self.config.eval_prompts
+                and is_main_process()
+            ):
                 # the closing evaluation reads these instead of building the stage again; should they fail, it
                 # builds the stage itself and reports the error
                 with contextlib.suppress(Exception):
@@ -534,7 +585,8 @@ class RLHFPipeline:
             from rlhf_lightning.loggers import finish_wandb
 
             finish_wandb(trainer.loggers)  # the next stage starts its own W&B run
-            self._plot()
+            if is_main_process():
+                self._plot()
         return outcome
 
     def _plot(self) -> None:
@@ -554,9 +606,11 @@ class RLHFPipeline:
         trainer.fit(model, datamodule=data, ckpt_path=resume)
         callback = trainer.checkpoint_callback
         checkpoint = (callback.best_model_path or callback.last_model_path) if callback else ""
+        # rank 0's choice: every rank hands the same checkpoint to the next stage
+        checkpoint = agree(checkpoint)
         if not checkpoint:
             checkpoint = str(folder / "checkpoints" / "final.ckpt")
-            trainer.save_checkpoint(checkpoint)
+            trainer.save_checkpoint(checkpoint)  # every rank takes part; the strategy writes once
         if stage in ONLINE_STAGES:
             after = trainer.validate(model, datamodule=data, verbose=False)
             results.update({f"after/{k}": v for k, v in after[0].items()} if after else {})
@@ -571,12 +625,13 @@ class RLHFPipeline:
         """Held-out metrics of the SFT policy an online stage (PPO, GRPO, RLOO) starts from (``before/...``), measured
         once and kept in ``<stage>/before.json``: a resumed run reuses them instead of evaluating its partly trained
         policy."""
-        stored = self._read_json(folder / "before.json")
+        stored = agree(self._read_json(folder / "before.json"))
         if stored is not None:
             return stored
         before = trainer.validate(model, datamodule=data, verbose=False)  # no ckpt_path: the SFT weights
         results = {f"before/{k}": v for k, v in before[0].items()} if before else {}
-        self._write_json(folder / "before.json", results)
+        if is_main_process():
+            self._write_json(folder / "before.json", results)
         return results
 
     @staticmethod
@@ -589,6 +644,36 @@ class RLHFPipeline:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
         tmp.replace(path)
+
+
+def is_main_process() -> bool:
+    """Global rank 0, the process that writes the run folder's bookkeeping and prints: rank 0 of the process group
+    once the first Trainer has joined one; before that, the process no rank variable (``RANK``, ``NODE_RANK``,
+    ``LOCAL_RANK``, ``SLURM_PROCID``) names as another rank. The ranks Lightning's DDP launcher starts (the command
+    run again) carry ``LOCAL_RANK`` > 0 from their first line."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "NODE_RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def agree(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a broadcast, so also a barrier) once the ranks share a process group; the
+    value itself in a single process and before the first Trainer started the group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def say(message: str) -> None:
+    """Print ``message`` on rank 0 only (the pipeline's progress lines)."""
+    if is_main_process():
+        print(message)
 
 
 def _follow_data(data_args: dict[str, Any], train_path: str, val_path: str | None) -> None:

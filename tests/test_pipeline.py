@@ -223,3 +223,33 @@ def test_each_stage_is_set_up_once(tmp_path, monkeypatch):
     assert len(seeds) == 2  # one "Seed set to ..." per stage
     # SFT: the validated build runs; GRPO: checked with a placeholder checkpoint, then built with the real one
     assert modules == ["SFTModule", "GRPOModule", "GRPOModule"]
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "dpo"])
+def test_devices_strategy_and_num_nodes_reach_every_stage_trainer(algorithm, tmp_path, monkeypatch):
+    """RLHFConfig.devices/strategy/num_nodes are written into every stage's trainer config (and parse there); None
+    keeps the stage YAML's own values."""
+    monkeypatch.chdir(REPO)
+    inputs = {"sft": "<sft checkpoint>", "reward": "<reward checkpoint>"}
+    config = _tiny_config(tmp_path / "run", algorithm=algorithm, devices=2, strategy="ddp", num_nodes=3)
+    pipe = RLHFPipeline(config)
+    for stage in pipe.chain:
+        trainer = pipe.stage_config(stage, inputs)["trainer"]
+        assert (trainer["devices"], trainer["strategy"], trainer["num_nodes"]) == (2, "ddp", 3), stage
+        assert trainer["accelerator"] == "cpu"
+    kept = RLHFPipeline(_tiny_config(tmp_path / "kept", algorithm=algorithm))
+    for stage in kept.chain:
+        source, trainer = kept._source(stage).get("trainer", {}), kept.stage_config(stage, inputs)["trainer"]
+        assert all(trainer.get(k) == source.get(k) for k in ("devices", "strategy", "num_nodes")), stage
+    with pytest.raises(ValueError, match="num_nodes"):
+        RLHFConfig(num_nodes=0)
+
+
+def test_pipeline_cli_takes_devices_strategy_and_num_nodes(tmp_path, monkeypatch):
+    """``rlhf-lightning pipeline --devices 2 --strategy ddp --num_nodes 1`` reaches RLHFConfig."""
+    import rlhf_lightning.pipeline as pipeline
+
+    seen: list[RLHFConfig] = []
+    monkeypatch.setattr(pipeline.RLHFPipeline, "run", lambda self: seen.append(self.config) or {})
+    pipeline.main(["--config", str(TINY), "--devices", "2", "--strategy", "ddp", "--num_nodes", "1"])
+    assert (seen[0].devices, seen[0].strategy, seen[0].num_nodes) == (2, "ddp", 1)
