@@ -253,3 +253,30 @@ def test_pipeline_cli_takes_devices_strategy_and_num_nodes(tmp_path, monkeypatch
     monkeypatch.setattr(pipeline.RLHFPipeline, "run", lambda self: seen.append(self.config) or {})
     pipeline.main(["--config", str(TINY), "--devices", "2", "--strategy", "ddp", "--num_nodes", "1"])
     assert (seen[0].devices, seen[0].strategy, seen[0].num_nodes) == (2, "ddp", 1)
+
+
+@pytest.mark.parametrize(
+    ("env", "main"),
+    [
+        ({}, True),
+        (
+            {"LOCAL_RANK": "0", "NODE_RANK": "0"},
+            True,
+        ),  # the launching process once Lightning started the others
+        ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, False),  # a rank the DDP launcher started
+        ({"NODE_RANK": "1"}, False),  # the first process of a second node
+        ({"RANK": "3"}, False),
+        ({"SLURM_PROCID": "2"}, False),
+    ],
+)
+def test_is_main_process_before_the_process_group_exists(env, main, monkeypatch):
+    """Before the first Trainer joins a process group, the rank variables decide who writes the run folder; agree()
+    is then the identity (nothing to broadcast to)."""
+    from rlhf_lightning.pipeline import agree, is_main_process
+
+    for key in ("RANK", "NODE_RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert is_main_process() is main
+    assert agree({"checkpoint": "a.ckpt"}) == {"checkpoint": "a.ckpt"}
