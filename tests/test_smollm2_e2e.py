@@ -1,7 +1,7 @@
 """SFT with LoRA -> reward model -> PPO with LoRA on a real pretrained chat model (SmolLM2-135M-Instruct).
 
-Slow (about 15-25 minutes on a 2-core CPU) and needs the converted model folder: set ``RLHF_SMOLLM2_PATH`` to it
-(README, "A real pretrained model") and run ``scripts/test -m slow -k smollm2``. Skipped otherwise.
+Slow (about 30-60 minutes on a 2-core CPU: the reward stage is a full epoch) and needs the converted model folder:
+set ``RLHF_SMOLLM2_PATH`` to it (README, "A real pretrained model") and run ``scripts/test -m slow -k smollm2``. Skipped otherwise.
 The checks live in ``benchmarks/smollm2_pipeline.py`` (also runnable on its own).
 """
 
@@ -19,7 +19,7 @@ MODEL = os.environ.get("RLHF_SMOLLM2_PATH")
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.timeout(3600),
+    pytest.mark.timeout(7200),
     pytest.mark.skipif(
         not MODEL or not (Path(MODEL) / "config.json").is_file(),
         reason="set RLHF_SMOLLM2_PATH to a converted SmolLM2-135M-Instruct folder (see README)",
