@@ -70,6 +70,7 @@ def ours(args: argparse.Namespace, root: str) -> dict[str, Any]:
         accelerator="cpu",
         precision=args.precision,
         max_epochs=1,
+        limit_train_batches=args.limit_train_batches,
         gradient_clip_val=1.0,
         num_sanity_val_steps=0,
         logger=False,
@@ -133,7 +134,7 @@ def trl(args: argparse.Namespace, root: str) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -144,12 +145,17 @@ def main() -> None:
         "--init-from", default=None, help="ours: start from this SFT checkpoint instead of --model"
     )
     parser.add_argument(
-        "--max-length", type=int, default=512, help="ours: tokens per sequence (prompts cut left)"
+        "--max-length", type=int, default=384, help="ours: tokens per sequence (prompts cut left)"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step, both sides")
     parser.add_argument("--precision", default="bf16-mixed", help="ours: Lightning precision")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--limit-train-batches", type=int, default=None, help="ours: a smoke run's budget")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory() as root:
         for side, run in (("ours", ours), ("trl", trl)):
