@@ -57,6 +57,17 @@ def _sft(root: Path, folder: Path, lora: LoRAArgs | None, name: str) -> tuple[st
     return str(path), before, {k: v.clone() for k, v in module.model.state_dict().items()}
 
 
+def _pairs(folder: Path) -> PreferenceDataModule:
+    """The shipped training pairs in ``folder``'s tokenizer, no validation split (every stage here reads these)."""
+    return PreferenceDataModule(
+        train_path=str(DATA / "preference_train.jsonl"),
+        val_path=None,
+        tokenizer_path=str(folder),
+        max_length=96,
+        batch_size=4,
+    )
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("hf_stages")
@@ -66,13 +77,7 @@ def chain(tmp_path_factory) -> dict:
     gpt2_sft, gpt2_before, gpt2_after = _sft(root, gpt2, None, "gpt2")
     llama_sft, llama_before, llama_after = _sft(root, llama, LoRAArgs(r=4, alpha=8.0), "llama")
 
-    data = PreferenceDataModule(
-        train_path=str(DATA / "preference_train.jsonl"),
-        val_path=None,
-        tokenizer_path=str(llama),
-        max_length=96,
-        batch_size=4,
-    )
+    data = _pairs(llama)
     reward = RewardModule(init_from=llama_sft)
     reward.optimizer_factory = lambda params: torch.optim.AdamW(params, lr=1e-2)
     trainer = _trainer(root, max_steps=3)
@@ -118,13 +123,7 @@ def test_reward_model_reloads_without_missing_weights(chain):
 def test_reward_model_with_merge_lora_trains_every_weight_of_the_sft_model(chain, tmp_path):
     """``merge_lora``: the SFT adapter is folded in (same scores before training), then every weight trains (full
     fine-tuning, the reward-model recipe), and the checkpoint reloads as a plain model with no adapter."""
-    data = PreferenceDataModule(
-        train_path=str(DATA / "preference_train.jsonl"),
-        val_path=None,
-        tokenizer_path=str(chain["llama"]),
-        max_length=96,
-        batch_size=4,
-    )
+    data = _pairs(chain["llama"])
     kept = RewardModule(init_from=chain["llama_sft"])
     merged = RewardModule(init_from=chain["llama_sft"], merge_lora=True)
     kept.configure_model(), merged.configure_model()
@@ -286,13 +285,7 @@ def test_dpo_with_a_lora_sft_checkpoint_starts_at_the_sft_model_and_keeps_it_as_
         policy_from=chain["llama_sft"], tokenizer_path=str(chain["llama"]), cache_ref_logprobs=False
     )
     module.optimizer_factory = lambda groups: torch.optim.AdamW(groups, lr=1e-2)
-    data = PreferenceDataModule(
-        train_path=str(DATA / "preference_train.jsonl"),
-        val_path=None,
-        tokenizer_path=str(chain["llama"]),
-        max_length=96,
-        batch_size=4,
-    )
+    data = _pairs(chain["llama"])
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     module.configure_model()
