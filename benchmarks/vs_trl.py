@@ -80,19 +80,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import datetime
 import functools
+import importlib.metadata
 import importlib.util
+import inspect
 import json
 import logging
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "hh_rlhf"
@@ -191,11 +198,15 @@ class _Window:
         self.tokens: list[int] = []  # non-padding tokens of each step's batch, in step order
         self.positions: list[int] = []  # all positions (padding included)
         self.rows: list[int] = []
+        self.squared_lengths: list[
+            int
+        ] = []  # sum over rows of (non-padding length)^2: the attention FLOP term
 
     def record_batch(self, attention_mask: Any, rows: int) -> None:
         self.tokens.append(int(attention_mask.sum()))
         self.positions.append(int(attention_mask.numel()))
         self.rows.append(rows)
+        self.squared_lengths.append(int((attention_mask.long().sum(-1) ** 2).sum()))
 
     def step_end(self) -> None:
         self.ends.append(time.perf_counter())
@@ -271,8 +282,14 @@ class _CountingCollator:
         self.window = window
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
         batch = self.inner(examples)
-        self.window.record_batch(batch["attention_mask"], len(examples))
+        if "attention_mask" in batch:
+            self.window.record_batch(batch["attention_mask"], len(examples))
+        else:  # padding-free (TRL's BFD packing): one flattened row, no padding; sequences start at position 0
+            positions = batch["position_ids"]
+            self.window.record_batch(torch.ones_like(positions), int((positions == 0).sum()))
         return batch
 
 
@@ -305,25 +322,42 @@ def _adamw(args: argparse.Namespace):
     return functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0, foreach=True)
 
 
-def ours_sft(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
-    from rlhf_lightning.data.sft import SFTDataModule
-    from rlhf_lightning.models.factory import ModelArgs
-    from rlhf_lightning.stages.sft import SFTModule
+def _ours_packing(args: argparse.Namespace, datamodule_cls: type) -> dict[str, Any]:
+    """``packing=True`` for our data module when ``--ours-packing`` asks for it (default: whenever the data module
+    accepts a ``packing`` argument; detected, so the script runs on versions before and after it exists)."""
+    supported = "packing" in inspect.signature(datamodule_cls).parameters
+    if args.ours_packing is None:
+        return {"packing": True} if supported else {}
+    if args.ours_packing and not supported:
+        sys.exit(f"--ours-packing: {datamodule_cls.__name__} takes no packing argument in this version")
+    return {"packing": bool(args.ours_packing)} if supported else {}
 
-    data = SFTDataModule(
+
+def _sft_data(args: argparse.Namespace, tokenizer_path: str, packing: bool = True):
+    from rlhf_lightning.data.sft import SFTDataModule
+
+    return SFTDataModule(
         train_path=str(DATA / "sft_train.jsonl"),
         val_fraction=0.0,
-        tokenizer_path=str(folder),
+        tokenizer_path=tokenizer_path,
         max_length=args.max_length,
         truncation="right",
         batch_size=args.batch_size,
         seed=args.seed,
+        **(_ours_packing(args, SFTDataModule) if packing else {}),
     )
+
+
+def ours_sft(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    from rlhf_lightning.models.factory import ModelArgs
+    from rlhf_lightning.stages.sft import SFTModule
+
+    data = _sft_data(args, str(folder))
     module = SFTModule(model=ModelArgs(hf_path=str(folder), dropout=0.0), tokenizer_path=str(folder))
     module.optimizer_factory = _adamw(args)
     window = _Window(args.warmup)
     _lightning_trainer(args, root, window).fit(module, datamodule=data)
-    return window.summary("sequences")
+    return {**window.summary("sequences"), "packing": getattr(data, "packing", False)}
 
 
 def _preference_data(args: argparse.Namespace, folder: Path):
@@ -339,6 +373,7 @@ def _preference_data(args: argparse.Namespace, folder: Path):
         truncation="drop",
         batch_size=args.batch_size,
         seed=args.seed,
+        **_ours_packing(args, PreferenceDataModule),
     )
 
 
@@ -354,19 +389,23 @@ def ours_reward(args: argparse.Namespace, folder: Path, root: str) -> dict[str, 
     return window.summary("pairs")  # len(PreferenceBatch) is its pair count (2x rows: chosen, rejected)
 
 
-def _policy_checkpoint(folder: Path, root: str) -> str:
-    """An SFT-stage checkpoint of the folder's weights (what DPO and GRPO start from: ``policy_from``)."""
+def _stage_checkpoint(folder: Path, root: str, stage: str = "sft") -> str:
+    """A checkpoint of the folder's weights through our stage's own API: ``sft`` (what DPO, GRPO and PPO start
+    from: ``policy_from``) or ``reward`` (the folder's backbone + a fresh scalar head: PPO's ``reward_from``, which
+    also initialises its critic). Written once per run folder and reused."""
     import torch
 
     from rlhf_lightning.models.factory import ModelArgs
+    from rlhf_lightning.stages.reward import RewardModule
     from rlhf_lightning.stages.sft import SFTModule
 
-    path = Path(root) / "policy.ckpt"
+    path = Path(root) / f"{folder.name}_{stage}.ckpt"
     if not path.exists():
-        sft = SFTModule(model=ModelArgs(hf_path=str(folder), dropout=0.0), tokenizer_path=str(folder))
-        sft.configure_model()
-        checkpoint = {"state_dict": sft.state_dict(), "hyper_parameters": dict(sft.hparams)}
-        sft.on_save_checkpoint(checkpoint)
+        cls = SFTModule if stage == "sft" else RewardModule
+        module = cls(model=ModelArgs(hf_path=str(folder), dropout=0.0), tokenizer_path=str(folder))
+        module.configure_model()
+        checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+        module.on_save_checkpoint(checkpoint)
         torch.save(checkpoint, path)
     return str(path)
 
@@ -376,7 +415,7 @@ def ours_dpo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any
 
     data = _preference_data(args, folder)
     module = DPOModule(
-        policy_from=_policy_checkpoint(folder, root),
+        policy_from=_stage_checkpoint(folder, root),
         dpo=DPOArgs(loss="sigmoid", beta=args.beta),
         cache_ref_logprobs=True,
         tokenizer_path=str(folder),
@@ -388,16 +427,14 @@ def ours_dpo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any
 
 
 def _ours_online(baseline: str, args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
-    from lightning.pytorch import Trainer
 
-    from rlhf_lightning.data.prompts import PromptDataModule
     from rlhf_lightning.models.generation import GenerationArgs
     from rlhf_lightning.stages.grpo import GRPOArgs, GRPOModule
     from rlhf_lightning.stages.rewards import RewardArgs
 
     replies = args.prompts * args.group_size
     module = GRPOModule(
-        policy_from=_policy_checkpoint(folder, root),
+        policy_from=_stage_checkpoint(folder, root),
         tokenizer_path=str(folder),
         grpo=GRPOArgs(
             iterations=args.rl_warmup + args.iterations,
@@ -414,12 +451,21 @@ def _ours_online(baseline: str, args: argparse.Namespace, folder: Path, root: st
         seed=args.seed,
     )
     module.optimizer_factory = _adamw(args)
+    return _fit_online(module, args, folder, root, prompts_per_iteration=args.prompts)
+
+
+def _fit_online(module: Any, args: argparse.Namespace, folder: Path, root: str, prompts_per_iteration: int):
+    """Fit an online stage on the prompts file for ``rl_warmup + iterations`` iterations; seconds per timed one."""
+    from lightning.pytorch import Trainer
+
+    from rlhf_lightning.data.prompts import PromptDataModule
+
     data = PromptDataModule(
         train_path=str(Path(root) / "prompts.jsonl"),
         val_fraction=0.0,
         tokenizer_path=str(folder),
         max_prompt_length=args.max_prompt_length,
-        batch_size=args.prompts,
+        batch_size=prompts_per_iteration,
         seed=args.seed,
     )
     window = _Window(args.rl_warmup)
@@ -439,6 +485,37 @@ def _ours_online(baseline: str, args: argparse.Namespace, folder: Path, root: st
         default_root_dir=root,
     ).fit(module, datamodule=data)
     return window.iteration_summary()
+
+
+def ours_ppo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    """GAE PPO (``PPOModule``): policy and reference from the SFT checkpoint of the folder, reward model and critic
+    from its reward checkpoint (the folder's backbone + a scalar head), the settings TRL's side gets."""
+    from rlhf_lightning.models.generation import GenerationArgs
+    from rlhf_lightning.stages.ppo import PPOArgs, PPOModule
+    from rlhf_lightning.stages.rewards import RewardArgs
+
+    module = PPOModule(
+        policy_from=_stage_checkpoint(folder, root, "sft"),
+        reward_from=_stage_checkpoint(folder, root, "reward"),
+        tokenizer_path=str(folder),
+        ppo=PPOArgs(
+            iterations=args.rl_warmup + args.iterations,
+            epochs=args.ppo_epochs,
+            minibatch_size=args.ppo_minibatch,
+            kl_beta=args.ppo_kl_coef,  # fixed (kl_target None), k1 in the reward: TRL's kl_estimator="k1"
+            max_grad_norm=None,  # TRL's PPO loop never clips gradients
+            whiten_advantages=True,  # TRL whitens advantages (and not rewards: whiten_rewards=False)
+        ),
+        # raw reward-model score, as TRL: no calibration, no clipping; a reply without EOS scores -1 (TRL:
+        # missing_eos_penalty=1 subtracts 1; the same cost)
+        rewards=RewardArgs(normalize=False, clip=None, missing_eos_score=-1.0),
+        generation=GenerationArgs(max_new_tokens=args.max_new_tokens),
+        sample_every_n=0,
+        seed=args.seed,
+    )
+    module.policy_optimizer_factory = _adamw(args)
+    module.value_optimizer_factory = _adamw(args)
+    return _fit_online(module, args, folder, root, prompts_per_iteration=args.ppo_batch)
 
 
 def ours_grpo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
@@ -486,8 +563,14 @@ def trl_sft(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     dataset = Dataset.from_list([{"messages": r["messages"]} for r in _rows(DATA / "sft_train.jsonl")])
+    mode = args.trl_sft_mode
     config = SFTConfig(
-        **_trl_common(args, str(Path(root) / "trl_sft"), args.trl_group_by_length), assistant_only_loss=True
+        **_trl_common(args, str(Path(root) / "trl_sft"), mode == "group_by_length"),
+        assistant_only_loss=True,
+        # packing: TRL's best-fit-decreasing packing into max_length rows; it switches on padding_free (one
+        # flattened row per batch, position_ids restart per conversation, no attention_mask)
+        packing=mode == "packing",
+        packing_strategy="bfd",
     )
     window = _Window(args.warmup)
     trainer = SFTTrainer(
@@ -499,7 +582,7 @@ def trl_sft(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]
     )
     trainer.data_collator = _CountingCollator(trainer.data_collator, window)
     trainer.train()
-    return window.summary("sequences")
+    return {**window.summary("sequences"), "mode": mode, "padding_free": bool(trainer.padding_free)}
 
 
 def trl_reward(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
@@ -607,6 +690,72 @@ def _trl_online(kind: str, args: argparse.Namespace, folder: Path, root: str) ->
     return window.iteration_summary()
 
 
+def _trl112_path(args: argparse.Namespace) -> str:
+    path = args.trl112_path or os.environ.get("RLHF_TRL112_PATH")
+    if not path or not (Path(path) / "trl" / "experimental" / "ppo" / "ppo_trainer.py").exists():
+        sys.exit(
+            f"the ppo row needs TRL 1.12.0 (the last release with PPOTrainer) in its own folder, not found at "
+            f"{path!r}. Install it with: pip install --no-deps --target /work/trl112 trl==1.12.0 and pass "
+            "--trl112-path /work/trl112 (or set RLHF_TRL112_PATH)"
+        )
+    return path
+
+
+def trl_ppo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    """TRL 1.12's ``PPOTrainer`` (``trl.experimental.ppo``; removed after 1.12), imported from ``--trl112-path``
+    (put first on ``sys.path`` by the worker before anything imports trl)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"  # its DataCollatorWithPadding batches the queries for generate
+    rows = _rows(Path(root) / "prompts.jsonl")
+    dataset = Dataset.from_list([{"input_ids": _prompt_ids(tokenizer, r["prompt"])} for r in rows])
+
+    def load(cls: Any, **kwargs: Any) -> Any:
+        return cls.from_pretrained(folder, dtype=torch.float32, **kwargs)
+
+    common = _trl_common(args, str(Path(root) / "trl_ppo"))
+    for key in ("max_length", "train_sampling_strategy", "max_steps"):
+        common.pop(key, None)
+    common.update(
+        # one rollout batch of ppo_batch prompts per iteration, num_mini_batches minibatches each one forward and
+        # one optimizer step (gradient_accumulation_steps=1: a micro-batch is the whole minibatch)
+        per_device_train_batch_size=args.ppo_batch,
+        num_mini_batches=args.ppo_batch // args.ppo_minibatch,
+        num_ppo_epochs=args.ppo_epochs,
+        total_episodes=args.ppo_batch * (args.rl_warmup + args.iterations),
+        local_rollout_forward_batch_size=args.ppo_batch,
+        response_length=args.max_new_tokens,
+        temperature=1.0,
+        stop_token="eos",  # stop and truncate at EOS, as ours
+        missing_eos_penalty=1.0,
+        kl_coef=args.ppo_kl_coef,
+        kl_estimator="k1",
+        whiten_rewards=False,
+        num_sample_generations=0,
+        logging_steps=10,
+    )
+    config = PPOConfig(**common)
+    window = _Window(args.rl_warmup)
+    trainer = PPOTrainer(
+        args=config,
+        processing_class=tokenizer,
+        model=load(AutoModelForCausalLM),
+        ref_model=load(AutoModelForCausalLM),
+        reward_model=load(AutoModelForSequenceClassification, num_labels=1),
+        value_model=load(AutoModelForSequenceClassification, num_labels=1),
+        train_dataset=dataset,
+        callbacks=[_trl_timer(window)],
+    )
+    trainer.train()
+    import trl
+
+    return {**window.iteration_summary(), "trl_version": trl.__version__}
+
+
 def trl_grpo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
     return _trl_online("grpo", args, folder, root)
 
@@ -615,17 +764,445 @@ def trl_rloo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any
     return _trl_online("rloo", args, folder, root)
 
 
+# ------------------------------------------------------------------------------------------------- generation
+
+FAST_DECODE_FIELDS = ("compile", "static_cache", "fast_decode", "cuda_graphs")
+
+
+def fast_decode_field() -> str | None:
+    """The name of our sampler's fast-decode switch (a bool field of ``GenerationArgs``), if this version has one."""
+    from rlhf_lightning.models.generation import GenerationArgs
+
+    names = {f.name for f in dataclasses.fields(GenerationArgs)}
+    return next((name for name in FAST_DECODE_FIELDS if name in names), None)
+
+
+def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The chat-templated prompt with the generation prompt, as token ids (transformers 5 returns a BatchEncoding
+    from ``apply_chat_template(tokenize=True)``, whose ``len`` is its number of keys: take ``input_ids``)."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _generation_batch(args: argparse.Namespace, folder: Path, root: str) -> tuple[Any, Any, int]:
+    """The first ``--gen-batch`` prompts of the prompts file, left-padded (ids, bool mask) and the pad id."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = [
+        _prompt_ids(tokenizer, r["prompt"]) for r in _rows(Path(root) / "prompts.jsonl")[: args.gen_batch]
+    ]
+    width = max(len(x) for x in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for i, row in enumerate(prompts):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = True
+    return ids, mask, pad
+
+
+def _time_generation(args: argparse.Namespace, fn: Callable[[], Any], rows: int) -> dict[str, Any]:
+    """One untimed call, then the best of ``--gen-repeats``; new tokens/s = rows x max_new_tokens / seconds (every
+    row generates exactly ``--gen-new-tokens``: no EOS stops it on either side, checked on the output's shape)."""
+    out = fn()  # warm-up (and compilation, for a compiled decode)
+    assert out.shape == (rows, args.gen_new_tokens), out.shape
+    times = []
+    for _ in range(args.gen_repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {
+        "seconds": round(best, 4),
+        "all_seconds": [round(t, 4) for t in times],
+        "new_tokens": rows * args.gen_new_tokens,
+        "new_tokens_per_sec": round(rows * args.gen_new_tokens / best, 1),
+        "batch": rows,
+        "prompt_width": None,
+    }
+
+
+def _ours_generation(args: argparse.Namespace, folder: Path, root: str, fast: bool) -> dict[str, Any]:
+    import torch
+
+    from rlhf_lightning.models.generation import GenerationArgs, generate
+    from rlhf_lightning.models.hf import HFCausalLM
+
+    ids, mask, pad = _generation_batch(args, folder, root)
+    model = HFCausalLM.from_pretrained(folder).eval()
+    extra = {}
+    if fast:
+        field = fast_decode_field()
+        if field is None:
+            raise RuntimeError("GenerationArgs has no fast-decode switch in this version")
+        extra[field] = True
+    gen = GenerationArgs(max_new_tokens=args.gen_new_tokens, temperature=1.0, top_k=0, top_p=1.0, **extra)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    @torch.no_grad()
+    def run() -> Any:  # eos_token_id=-1: no token ends a row, every row runs to max_new_tokens
+        return generate(
+            model, ids, mask, gen, eos_token_id=-1, pad_token_id=pad, generator=generator
+        ).response_ids
+
+    return {**_time_generation(args, run, len(ids)), "prompt_width": ids.shape[1], "fast": extra or None}
+
+
+def ours_generation(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    return _ours_generation(args, folder, root, fast=False)
+
+
+def ours_generation_fast(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    return _ours_generation(args, folder, root, fast=True)
+
+
+def hf_generation(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    """transformers' ``model.generate``: sampling at temperature 1, top-k and top-p off, ``min_new_tokens`` =
+    ``max_new_tokens`` (no early stop), its default dynamic KV cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids, mask, pad = _generation_batch(args, folder, root)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def run() -> Any:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask.long(),
+            max_new_tokens=args.gen_new_tokens,
+            min_new_tokens=args.gen_new_tokens,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=pad,
+        )
+        return out[:, ids.shape[1] :]
+
+    return {**_time_generation(args, run, len(ids)), "prompt_width": ids.shape[1]}
+
+
+# ------------------------------------------------------------------------------------------------------- MFU
+
+
+def _matmul_peak(seconds: float = 3.0, n: int = 2048) -> dict[str, Any]:
+    """fp32 matmul FLOP/s of this process's threads: ``torch.mm`` of two n x n matrices (2 n^3 FLOPs) in a loop for
+    about ``seconds`` after one warm-up product; the best of 5 equal slices of the loop."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    start = time.perf_counter()
+    reps = 1
+    while time.perf_counter() - start < seconds / 5 and reps < 1000:
+        torch.mm(a, b, out=out)
+        reps += 1
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return {"n": n, "reps": reps, "flops_per_sec": 2 * n**3 * reps / best}
+
+
+def ours_mfu(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    """SFT of the built-in ``small`` preset (our BPE tokenizer trained on the SFT data, vocab ``--vocab-size``; no
+    packing, so the FLOP count is that of the padded batches' real rows) and its model FLOP utilisation against the
+    fp32 matmul peak measured in this process.
+
+    Model FLOPs per step (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B): ``6 * N * tokens`` with N the
+    parameters of the matmuls (every ``nn.Linear``, the tied LM head included; the embedding lookup and the norms
+    are not matmuls) and tokens the non-padding tokens, plus the attention score and value products
+    ``12 * layers * d_model * sum_rows(length^2)`` (forward + backward, the full square as PaLM counts it, no causal
+    halving). Padding, the loss and the optimizer are not counted: MFU is useful FLOPs / peak.
+    """
+    import torch
+
+    from rlhf_lightning.models.factory import ModelArgs
+    from rlhf_lightning.stages.sft import SFTModule
+    from rlhf_lightning.tokenization import load_or_train_tokenizer
+
+    tokenizer = load_or_train_tokenizer(
+        Path(root) / "tokenizer.json", [DATA / "sft_train.jsonl"], vocab_size=args.vocab_size
+    )
+    data = _sft_data(args, tokenizer.source, packing=False)
+    module = SFTModule(model=ModelArgs(preset="small", dropout=0.0), tokenizer_path=tokenizer.source)
+    module.optimizer_factory = _adamw(args)
+    window = _Window(args.warmup)
+    _lightning_trainer(args, root, window).fit(module, datamodule=data)
+    summary = window.summary("sequences")
+    config = module.model.config
+    linear = sum(m.weight.numel() for m in module.model.modules() if isinstance(m, torch.nn.Linear))
+    timed = slice(args.warmup, len(window.ends))
+    tokens, squares = sum(window.tokens[timed]), sum(window.squared_lengths[timed])
+    flops = 6 * linear * tokens + 12 * config.n_layer * config.n_embd * squares
+    achieved = flops / summary["seconds"]
+    peak = _matmul_peak()
+    return {
+        **summary,
+        "preset": "small",
+        "matmul_parameters": linear,
+        "model_flops": flops,
+        "model_flops_per_sec": round(achieved),
+        "matmul_peak_flops_per_sec": round(peak["flops_per_sec"]),
+        "matmul_peak": {k: peak[k] for k in ("n", "reps")},
+        "mfu": round(achieved / peak["flops_per_sec"], 4),
+        "formula": "6 * N_matmul * tokens + 12 * layers * d_model * sum(length^2)",
+    }
+
+
 # --------------------------------------------------------------------------------------------------------- main
 
 
-# row -> (ours, TRL, metric, higher is better); times (RL rows) give the ratio TRL / ours, so > 1 is still "ours faster"
+class Row(NamedTuple):
+    """One comparison: our side, the other side (None: ours only), the metric, whether higher is better (times give
+    the ratio other / ours, so > 1 always means ours is faster), whether it also runs on ``--model``, and what the
+    other side is."""
+
+    ours: Callable[..., dict[str, Any]]
+    trl: Callable[..., dict[str, Any]] | None
+    metric: str
+    higher: bool
+    both: bool = False
+    baseline: str = ""
+
+
 ROWS = {
-    "sft": (ours_sft, trl_sft, "tokens_per_sec", True),
-    "reward": (ours_reward, trl_reward, "pairs_per_sec", True),
-    "dpo": (ours_dpo, trl_dpo, "pairs_per_sec", True),
-    "grpo": (ours_grpo, trl_grpo, "sec_per_iteration", False),
-    "rloo": (ours_rloo, trl_rloo, "sec_per_iteration", False),
+    "sft": Row(ours_sft, trl_sft, "tokens_per_sec", True, True, "TRL SFTTrainer"),
+    "reward": Row(ours_reward, trl_reward, "pairs_per_sec", True, True, "TRL RewardTrainer"),
+    "dpo": Row(ours_dpo, trl_dpo, "pairs_per_sec", True, False, "TRL DPOTrainer"),
+    "grpo": Row(ours_grpo, trl_grpo, "sec_per_iteration", False, False, "TRL GRPOTrainer"),
+    "rloo": Row(ours_rloo, trl_rloo, "sec_per_iteration", False, False, "TRL RLOOTrainer"),
+    "ppo": Row(ours_ppo, trl_ppo, "sec_per_iteration", False, False, "TRL 1.12 PPOTrainer"),
+    "generation": Row(
+        ours_generation, hf_generation, "new_tokens_per_sec", True, True, "transformers model.generate"
+    ),
+    "mfu": Row(ours_mfu, None, "mfu", True, False, "fp32 torch.mm peak of the same process"),
 }
+NEEDS_PROMPTS = {"grpo", "rloo", "ppo", "generation"}
+NEEDS_CHECKPOINTS = {"dpo", "grpo", "rloo", "ppo"}
+NEEDS_TRL112 = {("ppo", "trl")}
+
+
+def _prepare(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
+    """The SFT and reward checkpoints of the folder (in their own process, so no row's peak RSS includes them)."""
+    return {
+        "sft": _stage_checkpoint(folder, root, "sft"),
+        "reward": _stage_checkpoint(folder, root, "reward"),
+    }
+
+
+def _side_fn(row: str, side: str) -> Callable[..., dict[str, Any]]:
+    if row == "prepare":
+        return _prepare
+    if side == "ours_fast":
+        return ours_generation_fast
+    fn = ROWS[row].ours if side == "ours" else ROWS[row].trl
+    if fn is None:
+        raise ValueError(f"row {row} has no side {side}")
+    return fn
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "transformers", "trl", "datasets", "rlhf_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.suppress(ImportError):
+        import datasets
+
+        datasets.disable_progress_bars()
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+
+
+def run_worker(row: str, side: str, job_path: str) -> None:
+    """One side of one row in this (fresh) process; writes its summary and peak RSS to the job's ``out`` file."""
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    args = argparse.Namespace(**job["args"])
+    if (row, side) in NEEDS_TRL112:  # before anything imports trl: TRL 1.12 shadows the installed one here
+        sys.path.insert(0, _trl112_path(args))
+    _quiet()
+    import torch
+
+    torch.manual_seed(args.seed)
+    with contextlib.redirect_stdout(sys.stderr):  # TRL prints its log dicts; the parent's stdout is the JSON
+        out = _side_fn(row, side)(args, Path(job["folder"]), job["root"])
+    # ru_maxrss: the process's peak resident set, in KiB on Linux (bytes on macOS)
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
+    Path(job["out"]).write_text(json.dumps(out), encoding="utf-8")
+
+
+def run_side(row: str, side: str, args: argparse.Namespace, folder: Path, root: Path) -> dict[str, Any]:
+    """Run one side of one row in a fresh subprocess of this script (``--worker ROW SIDE --job FILE``)."""
+    jobs = root / "jobs"
+    jobs.mkdir(exist_ok=True)
+    n = len(list(jobs.glob("*.json")))
+    job = jobs / f"{n:03d}_{row}_{side}.json"
+    out = jobs / f"{n:03d}_{row}_{side}.out"
+    job.write_text(
+        json.dumps({"args": vars(args), "folder": str(folder), "root": str(root), "out": str(out)}),
+        encoding="utf-8",
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", row, side, "--job", str(job)]
+    done = subprocess.run(cmd, env=env, stdout=sys.stderr, check=False)
+    if done.returncode != 0 or not out.exists():
+        raise RuntimeError(f"{row}/{side} failed (exit {done.returncode}): {' '.join(cmd)}")
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def _ratio(ours: float, theirs: float, higher: bool) -> float:
+    return round(ours / theirs if higher else theirs / ours, 3)
+
+
+def compare(name: str, args: argparse.Namespace, folder: Path, root: Path) -> dict[str, Any]:
+    """``--rounds`` runs of each side (alternating which goes first), each in its own process; best, median and
+    every round per side, and the ratios (> 1: ours faster) from the best and the median figures."""
+    row = ROWS[name]
+    sides = ["ours"]
+    if name == "generation" and fast_decode_field() is not None:
+        sides.append("ours_fast")
+    if row.trl is not None:
+        sides.append("trl")
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    for r in range(args.rounds if row.trl is not None else 1):
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            runs[side].append(run_side(name, side, args, folder, root))
+    key = row.metric
+    pick = max if row.higher else min
+    result: dict[str, Any] = {"metric": key, "baseline": row.baseline, "model": folder.name}
+    for side, rs in runs.items():
+        best = pick(rs, key=lambda x: x[key])
+        result[side] = {
+            **best,
+            f"median_{key}": statistics.median(x[key] for x in rs),
+            f"all_{key}": [x[key] for x in rs],
+            "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+        }
+    if row.trl is not None:
+        primary = "ours_fast" if "ours_fast" in runs else "ours"
+        ours, trl = result[primary], result["trl"]
+        result["ratio_uses"] = primary
+        result["ratio_ours_over_trl"] = _ratio(ours[key], trl[key], row.higher)
+        result["ratio_ours_over_trl_median"] = _ratio(ours[f"median_{key}"], trl[f"median_{key}"], row.higher)
+        result["ratio_per_round"] = [
+            _ratio(o[key], t[key], row.higher) for o, t in zip(runs[primary], runs["trl"])
+        ]
+        result["ratio_rss_ours_over_trl"] = round(ours["peak_rss_mb"] / trl["peak_rss_mb"], 3)
+        if primary != "ours":
+            result["ratio_plain_ours_over_trl"] = _ratio(result["ours"][key], trl[key], row.higher)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- model folders
+
+# SmolLM2's ChatML turn, as its template writes it, and the same text with the assistant's reply and its closing
+# <|im_end|> (the tokenizer's EOS) between {% generation %} markers for TRL's assistant mask. Our mask (from
+# prefix renders, tokenization_hf) covers the reply, <|im_end|> and the "\n" the template writes after it in
+# non-final turns; TRL's covers the reply and <|im_end|>: one token per earlier assistant turn apart.
+CHATML_TURN = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+CHATML_TURN_MARKED = (
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}" + CHATML_TURN + "{% endif %}"
+)
+
+
+def marked_template(tokenizer: Any) -> str | None:
+    """A chat template with ``{% generation %}`` markers rendering like the tokenizer's own (None: it has them).
+
+    TRL 1.16's ``get_training_chat_template`` patches the templates it knows (Qwen, Llama 3, Gemma, ...); SmolLM2's
+    ChatML is not one of them (it raises), so a ChatML template is patched here with :data:`CHATML_TURN_MARKED`.
+    """
+    template = tokenizer.chat_template or ""
+    if "{% generation %}" in template or "{%- generation %}" in template:
+        return None
+    with contextlib.suppress(Exception):
+        from trl.chat_template_utils import get_training_chat_template
+
+        return get_training_chat_template(tokenizer)
+    if CHATML_TURN not in template:
+        sys.exit(
+            f"{tokenizer.name_or_path}: its chat template has no {{% generation %}} markers (TRL's assistant_only_loss "
+            "needs them) and is neither one TRL can patch nor SmolLM2's ChatML; write a marked copy of the folder"
+        )
+    return template.replace(CHATML_TURN, CHATML_TURN_MARKED)
+
+
+def prepare_model_folder(source: Path, target: Path) -> Path:
+    """``source`` with a chat template that has generation markers (:func:`marked_template`), both sides read this
+    copy: weights and configs are symlinked, the tokenizer is saved again with the marked template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    marked = marked_template(tokenizer)
+    if marked is None:
+        return source
+    target.mkdir(parents=True)
+    tokenizer.chat_template = marked
+    tokenizer.save_pretrained(target)
+    for item in source.iterdir():
+        if not (target / item.name).exists():
+            (target / item.name).symlink_to(item.resolve())
+    return target
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+UNITS = {
+    "tokens_per_sec": "tok/s",
+    "pairs_per_sec": "pairs/s",
+    "sec_per_iteration": "s/it",
+    "new_tokens_per_sec": "tok/s",
+}
+
+
+def _figure(side: dict[str, Any], metric: str) -> str:
+    value = side[metric]
+    return (
+        f"{value:.3g} {UNITS[metric]}" if metric == "sec_per_iteration" else f"{value:,.0f} {UNITS[metric]}"
+    )
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The README table of a run (``--markdown``; ``--from-json FILE`` re-renders a saved run)."""
+    date = result.get("date", "")
+    lines = [
+        "| row | model | ours | TRL | ratio (> 1: ours faster) | peak RSS MB ours / TRL | date |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in result.get("rows", {}).items():
+        metric = row["metric"]
+        if metric == "mfu":
+            ours = row["ours"]
+            lines.append(
+                f"| {name} | {row['model']} | {ours['model_flops_per_sec'] / 1e9:.1f} GFLOP/s (MFU {ours['mfu']:.1%}) "
+                f"| peak {ours['matmul_peak_flops_per_sec'] / 1e9:.1f} GFLOP/s (fp32 mm) | - "
+                f"| {ours['peak_rss_mb']:.0f} / - | {date} |"
+            )
+            continue
+        ours = _figure(row["ours"], metric)
+        if "ours_fast" in row:
+            ours = f"{ours}; fast {_figure(row['ours_fast'], metric)}"
+        rss = f"{row[row['ratio_uses']]['peak_rss_mb']:.0f} / {row['trl']['peak_rss_mb']:.0f}"
+        lines.append(
+            f"| {name} | {row['model']} | {ours} | {_figure(row['trl'], metric)} ({row['baseline']}) "
+            f"| {row['ratio_ours_over_trl']:.2f}x | {rss} | {date} |"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------- main
 
 
 def write_prompts(folder: Path, path: Path, max_prompt_length: int) -> int:
@@ -637,8 +1214,7 @@ def write_prompts(folder: Path, path: Path, max_prompt_length: int) -> int:
     kept = [
         r
         for r in _rows(DATA / "prompts_train.jsonl")
-        if len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True))
-        <= max_prompt_length
+        if len(_prompt_ids(tokenizer, r["prompt"])) <= max_prompt_length
     ]
     with open(path, "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps({"prompt": r["prompt"]}) + "\n" for r in kept)
@@ -663,71 +1239,129 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3, help="runs per side, alternating which goes first")
     parser.add_argument("--only", choices=list(ROWS), nargs="+", default=None, help="run these comparisons")
+    parser.add_argument(
+        "--model", default=None, help="a local HF folder: the sft, reward and generation rows also run on it"
+    )
+    parser.add_argument(
+        "--model-steps", type=int, default=None, help="timed steps of the --model rows (default --steps)"
+    )
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (sigmoid loss)")
     parser.add_argument("--prompts", type=int, default=4, help="GRPO/RLOO: prompts per iteration")
     parser.add_argument(
         "--group-size", type=int, default=4, help="GRPO/RLOO: replies per prompt (num_generations)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="GRPO/RLOO: max_completion_length")
     parser.add_argument(
-        "--max-prompt-length", type=int, default=192, help="GRPO/RLOO: longer prompts are left out"
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="GRPO/RLOO/PPO: max_completion_length / response_length",
     )
-    parser.add_argument("--iterations", type=int, default=4, help="GRPO/RLOO: timed iterations per side")
-    parser.add_argument("--rl-warmup", type=int, default=1, help="GRPO/RLOO: untimed iterations first (>= 1)")
+    parser.add_argument(
+        "--max-prompt-length", type=int, default=192, help="GRPO/RLOO/PPO: longer prompts are left out"
+    )
+    parser.add_argument("--iterations", type=int, default=4, help="GRPO/RLOO/PPO: timed iterations per side")
+    parser.add_argument(
+        "--rl-warmup", type=int, default=1, help="GRPO/RLOO/PPO: untimed iterations first (>= 1)"
+    )
     parser.add_argument("--kl-coef", type=float, default=0.04, help="GRPO: KL loss weight (TRL beta)")
     parser.add_argument(
         "--rloo-kl-coef", type=float, default=0.05, help="RLOO: KL-in-reward weight (TRL beta)"
     )
+    parser.add_argument("--ppo-batch", type=int, default=16, help="PPO: prompts per iteration")
+    parser.add_argument("--ppo-minibatch", type=int, default=8, help="PPO: rows per optimizer step")
+    parser.add_argument("--ppo-epochs", type=int, default=4, help="PPO: epochs per rollout batch")
+    parser.add_argument("--ppo-kl-coef", type=float, default=0.05, help="PPO: fixed KL-in-reward coefficient")
     parser.add_argument(
-        "--trl-group-by-length",
-        action="store_true",
-        help="TRL's SFT batches by length too (LengthGroupedSampler)",
+        "--trl112-path",
+        default=None,
+        help="PPO: folder holding TRL 1.12.0 (pip install --no-deps --target DIR trl==1.12.0); "
+        "default $RLHF_TRL112_PATH",
     )
+    parser.add_argument("--gen-batch", type=int, default=8, help="generation: prompts per batch")
+    parser.add_argument("--gen-new-tokens", type=int, default=64, help="generation: new tokens per row")
+    parser.add_argument("--gen-repeats", type=int, default=3, help="generation: timed calls (best kept)")
+    parser.add_argument(
+        "--trl-sft-mode",
+        choices=["packing", "group_by_length", "random"],
+        default="packing",
+        help="TRL's SFT batching: BFD packing (padding-free), LengthGroupedSampler, or random padded batches",
+    )
+    parser.add_argument(
+        "--ours-packing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="our SFT/preference data modules pack (default: on when they accept packing=True)",
+    )
+    parser.add_argument("--output", default=None, help="also write the JSON to this file")
+    parser.add_argument("--markdown", action="store_true", help="print the README table after the JSON")
+    parser.add_argument("--from-json", default=None, help="print the README table of a saved run and exit")
+    parser.add_argument("--worker", nargs=2, metavar=("ROW", "SIDE"), help=argparse.SUPPRESS)
+    parser.add_argument("--job", help=argparse.SUPPRESS)
     return parser
 
 
-def main() -> None:
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in ("torch", "lightning", "transformers", "trl", "datasets"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.worker:
+        run_worker(*args.worker, args.job)
+        return
+    if args.from_json:
+        print(markdown(json.loads(Path(args.from_json).read_text(encoding="utf-8"))))
+        return
     if args.rl_warmup < 1:
         parser.error("--rl-warmup must be >= 1 (the window starts at the end of the last warm-up iteration)")
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the window starts at the end of the last warm-up step)")
-    _require_trl()
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "transformers", "trl", "datasets", "rlhf_lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-    import datasets
-    import lightning
+    if args.ppo_batch % args.ppo_minibatch:
+        parser.error("--ppo-batch must be a multiple of --ppo-minibatch (TRL's num_mini_batches)")
+    names = list(args.only or ROWS)
+    if any(ROWS[n].trl is not None for n in names):
+        _require_trl()
+    if "ppo" in names:
+        _trl112_path(args)  # fail before any row runs
+    _quiet()
     import torch
-    import transformers
-    import trl
 
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
+    from rlhf_lightning.data.preference import PreferenceDataModule
+    from rlhf_lightning.data.sft import SFTDataModule
 
-    comparisons = {name: ROWS[name] for name in (args.only or ROWS)}
+    versions = _versions()
+    if "ppo" in names:
+        dist = next(Path(_trl112_path(args)).glob("trl-*.dist-info"), None)
+        versions["trl_ppo"] = dist.name.removeprefix("trl-").removesuffix(".dist-info") if dist else "1.12?"
     result: dict[str, Any] = {
         "benchmark": "vs_trl",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         "device": "cpu",
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
-        "versions": {
-            "torch": torch.__version__,
-            "lightning": lightning.__version__,
-            "transformers": transformers.__version__,
-            "trl": trl.__version__,
-        },
+        "versions": versions,
         "model": {"arch": "llama", "hidden": args.hidden, "layers": args.layers, "heads": args.heads},
+        "extra_model": args.model,
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
+        "model_timed_steps": args.model_steps or args.steps,
         "rounds": args.rounds,
-        "trl_sft_sampling": "group_by_length" if args.trl_group_by_length else "random",
+        "process_per_side": True,
+        "trl_sft_mode": args.trl_sft_mode,
+        "ours_packing": {
+            "sft": bool(_ours_packing(args, SFTDataModule).get("packing")),
+            "preference": bool(_ours_packing(args, PreferenceDataModule).get("packing")),
+        },
+        "fast_decode_field": fast_decode_field(),
         "dpo": {"beta": args.beta, "loss": "sigmoid"},
         "online": {
             "prompts_per_iteration": args.prompts,
@@ -738,51 +1372,54 @@ def main() -> None:
             "timed_iterations": args.iterations,
             "reward": "rlhf_lightning.reward_functions:brevity",
         },
+        "ppo": {
+            "batch": args.ppo_batch,
+            "minibatch": args.ppo_minibatch,
+            "epochs": args.ppo_epochs,
+            "kl_coef": args.ppo_kl_coef,
+        },
+        "generation": {
+            "batch": args.gen_batch,
+            "new_tokens": args.gen_new_tokens,
+            "repeats": args.gen_repeats,
+        },
+        "rows": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_llama_folder(Path(tmp) / "llama", args)
-        counted = transformers.AutoModelForCausalLM.from_pretrained(folder)
-        result["model"]["vocab"] = counted.config.vocab_size
-        result["model"]["parameters"] = sum(p.numel() for p in counted.parameters())
-        del counted
-        if {"grpo", "rloo"} & set(comparisons):
-            result["online"]["prompts"] = write_prompts(
-                folder, Path(tmp) / "prompts.jsonl", args.max_prompt_length
+        tiny_root = Path(tmp) / "tiny"
+        tiny_root.mkdir()
+        folder = make_llama_folder(tiny_root / "llama", args)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder)
+        result["model"]["vocab"] = config.vocab_size
+        targets = [(folder, tiny_root, args, "")]
+        if args.model:
+            model_root = Path(tmp) / "model"
+            model_root.mkdir()
+            model_folder = prepare_model_folder(
+                Path(args.model).resolve(), model_root / Path(args.model).name
             )
-        for name, (ours_fn, trl_fn, key, higher) in comparisons.items():
-            runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
-            for r in range(args.rounds):  # alternate the order: a noisy neighbour hits both sides alike
-                order = [("ours", ours_fn), ("trl", trl_fn)]
-                for side, fn in order if r % 2 == 0 else order[::-1]:
-                    torch.manual_seed(args.seed)
-                    with contextlib.redirect_stdout(
-                        sys.stderr
-                    ):  # TRL prints its log dicts; stdout is the JSON
-                        runs[side].append(fn(args, folder, tmp))
-            pick = max if higher else min
-            best = {side: pick(rs, key=lambda x: x[key]) for side, rs in runs.items()}
-            median = {side: statistics.median(x[key] for x in rs) for side, rs in runs.items()}
-
-            def ratio(ours: float, theirs: float, higher: bool = higher) -> float:
-                return round(ours / theirs if higher else theirs / ours, 3)
-
-            result[name] = {
-                "metric": key,
-                "ours": {
-                    **best["ours"],
-                    f"median_{key}": median["ours"],
-                    f"all_{key}": [x[key] for x in runs["ours"]],
-                },
-                "trl": {
-                    **best["trl"],
-                    f"median_{key}": median["trl"],
-                    f"all_{key}": [x[key] for x in runs["trl"]],
-                },
-                "ratio_ours_over_trl": ratio(best["ours"][key], best["trl"][key]),
-                "ratio_ours_over_trl_median": ratio(median["ours"], median["trl"]),
-                "ratio_per_round": [ratio(o[key], t[key]) for o, t in zip(runs["ours"], runs["trl"])],
-            }
-    print(json.dumps(result, indent=2))
+            model_args = argparse.Namespace(**{**vars(args), "steps": args.model_steps or args.steps})
+            targets.append((model_folder, model_root, model_args, f":{Path(args.model).name}"))
+        for target, root, target_args, suffix in targets:
+            rows = [n for n in names if not suffix or ROWS[n].both]
+            if NEEDS_PROMPTS & set(rows):
+                result.setdefault("prompts_kept", {})[target.name] = write_prompts(
+                    target, root / "prompts.jsonl", args.max_prompt_length
+                )
+            if NEEDS_CHECKPOINTS & set(rows):
+                run_side("prepare", "ours", target_args, target, root)
+            for name in rows:
+                print(f"vs_trl: {name}{suffix} ...", file=sys.stderr, flush=True)
+                result["rows"][name + suffix] = compare(name, target_args, target, root)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    if args.markdown:
+        print()
+        print(markdown(result))
 
 
 if __name__ == "__main__":
