@@ -1118,7 +1118,7 @@ CHATML_TURN_MARKED = (
 )
 
 
-def marked_template(tokenizer: Any) -> str | None:
+def marked_template(tokenizer: Any, use_trl: bool = True) -> str | None:
     """A chat template with ``{% generation %}`` markers rendering like the tokenizer's own (None: it has them).
 
     TRL 1.16's ``get_training_chat_template`` patches the templates it knows (Qwen, Llama 3, Gemma, ...); SmolLM2's
@@ -1127,10 +1127,11 @@ def marked_template(tokenizer: Any) -> str | None:
     template = tokenizer.chat_template or ""
     if "{% generation %}" in template or "{%- generation %}" in template:
         return None
-    with contextlib.suppress(Exception):
-        from trl.chat_template_utils import get_training_chat_template
+    if use_trl:  # the tests pass False: the test suite never imports trl
+        with contextlib.suppress(Exception):
+            from trl.chat_template_utils import get_training_chat_template
 
-        return get_training_chat_template(tokenizer)
+            return get_training_chat_template(tokenizer)
     if CHATML_TURN not in template:
         sys.exit(
             f"{tokenizer.name_or_path}: its chat template has no {{% generation %}} markers (TRL's assistant_only_loss "

@@ -17,15 +17,165 @@ def _vs_trl():
     return module
 
 
-def test_vs_trl_parser_takes_the_rl_and_dpo_rows() -> None:
+def test_vs_trl_parser_takes_every_row() -> None:
     vs_trl = _vs_trl()
-    args = vs_trl.build_parser().parse_args(["--only", "dpo", "grpo", "rloo", "--group-size", "2"])
-    assert args.only == ["dpo", "grpo", "rloo"] and args.group_size == 2
-    assert set(vs_trl.ROWS) == {"sft", "reward", "dpo", "grpo", "rloo"}
+    args = vs_trl.build_parser().parse_args(["--only", "dpo", "grpo", "rloo", "ppo", "--group-size", "2"])
+    assert args.only == ["dpo", "grpo", "rloo", "ppo"] and args.group_size == 2
+    assert args.trl_sft_mode == "packing" and args.ours_packing is None  # None: pack when the data module can
+    assert set(vs_trl.ROWS) == {"sft", "reward", "dpo", "grpo", "rloo", "ppo", "generation", "mfu"}
     # times (RL rows) are lower-is-better, so their ratio is TRL / ours: > 1 still means ours is faster
-    assert [name for name, row in vs_trl.ROWS.items() if not row[3]] == ["grpo", "rloo"]
+    assert [name for name, row in vs_trl.ROWS.items() if not row.higher] == ["grpo", "rloo", "ppo"]
+    assert [name for name, row in vs_trl.ROWS.items() if row.both] == ["sft", "reward", "generation"]
     with pytest.raises(SystemExit):
-        vs_trl.build_parser().parse_args(["--only", "ppo"])
+        vs_trl.build_parser().parse_args(["--only", "kto"])
+    with pytest.raises(SystemExit):
+        vs_trl.build_parser().parse_args(["--trl-sft-mode", "wrapped"])
+
+
+def test_vs_trl_ours_packing_follows_the_data_module_signature() -> None:
+    vs_trl = _vs_trl()
+
+    class Packs:
+        def __init__(self, packing: bool = False) -> None: ...
+
+    class DoesNot:
+        def __init__(self, batch_size: int = 8) -> None: ...
+
+    auto, on, off = (
+        vs_trl.build_parser().parse_args(a) for a in ([], ["--ours-packing"], ["--no-ours-packing"])
+    )
+    assert (
+        vs_trl._ours_packing(auto, Packs) == {"packing": True} and vs_trl._ours_packing(auto, DoesNot) == {}
+    )
+    assert vs_trl._ours_packing(off, Packs) == {"packing": False} and vs_trl._ours_packing(off, DoesNot) == {}
+    assert vs_trl._ours_packing(on, Packs) == {"packing": True}
+    with pytest.raises(SystemExit):
+        vs_trl._ours_packing(on, DoesNot)
+
+
+def test_vs_trl_ppo_row_without_trl_1_12_says_how_to_install_it(tmp_path, monkeypatch) -> None:
+    vs_trl = _vs_trl()
+    monkeypatch.delenv("RLHF_TRL112_PATH", raising=False)
+    args = vs_trl.build_parser().parse_args(["--trl112-path", str(tmp_path)])
+    with pytest.raises(SystemExit, match="pip install --no-deps --target"):
+        vs_trl._trl112_path(args)
+    (tmp_path / "trl" / "experimental" / "ppo").mkdir(parents=True)
+    (tmp_path / "trl" / "experimental" / "ppo" / "ppo_trainer.py").write_text("")
+    assert vs_trl._trl112_path(args) == str(tmp_path)
+
+
+def test_vs_trl_marked_chatml_renders_like_the_original_and_masks_the_reply_and_its_end(tmp_path) -> None:
+    """The ChatML patch for TRL's assistant_only_loss (SmolLM2's template has no generation markers): the same text,
+    and the assistant mask covers each reply and its closing ``<|im_end|>``, never a header or a user turn."""
+    pytest.importorskip("transformers")
+    from hf_folders import make_llama_folder
+    from transformers import AutoTokenizer
+
+    vs_trl = _vs_trl()
+    smollm2 = (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
+        + vs_trl.CHATML_TURN
+        + "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(make_llama_folder(tmp_path / "llama"))
+    tokenizer.chat_template = smollm2
+    marked = vs_trl.marked_template(tokenizer, use_trl=False)
+    assert marked is not None and "{% generation %}" in marked
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello there"},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "bye"},
+    ]
+    plain = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.apply_chat_template(messages, tokenize=False, chat_template=marked) == plain
+    out = tokenizer.apply_chat_template(
+        messages, chat_template=marked, return_dict=True, return_assistant_tokens_mask=True
+    )
+    masked = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    assert tokenizer.decode(masked).replace(" ", "") == "hellothere<|im_end|>bye<|im_end|>"
+    tokenizer.chat_template = marked
+    assert (
+        vs_trl.marked_template(tokenizer, use_trl=False) is None
+    )  # already marked: the folder is used as it is
+
+
+def test_vs_trl_markdown_renders_a_saved_run(tmp_path, capsys) -> None:
+    import json
+
+    vs_trl = _vs_trl()
+    side = {"tokens_per_sec": 2000.0, "peak_rss_mb": 800.0}
+    run = {
+        "date": "2026-12-03",
+        "rows": {
+            "sft": {
+                "metric": "tokens_per_sec",
+                "baseline": "TRL SFTTrainer",
+                "model": "llama",
+                "ours": side,
+                "trl": {"tokens_per_sec": 1000.0, "peak_rss_mb": 1000.0},
+                "ratio_uses": "ours",
+                "ratio_ours_over_trl": 2.0,
+            },
+            "ppo": {
+                "metric": "sec_per_iteration",
+                "baseline": "TRL 1.12 PPOTrainer",
+                "model": "llama",
+                "ours": {"sec_per_iteration": 1.5, "peak_rss_mb": 900.0},
+                "trl": {"sec_per_iteration": 3.0, "peak_rss_mb": 950.0},
+                "ratio_uses": "ours",
+                "ratio_ours_over_trl": 2.0,
+            },
+            "mfu": {
+                "metric": "mfu",
+                "model": "llama",
+                "ours": {
+                    "model_flops_per_sec": 2e10,
+                    "matmul_peak_flops_per_sec": 8e10,
+                    "mfu": 0.25,
+                    "peak_rss_mb": 700.0,
+                },
+            },
+        },
+    }
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    vs_trl.main(["--from-json", str(path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| row | model | ours | TRL |") and len(lines) == 5
+    assert lines[2] == (
+        "| sft | llama | 2,000 tok/s | 1,000 tok/s (TRL SFTTrainer) | 2.00x | 800 / 1000 | 2026-12-03 |"
+    )
+    assert "| ppo | llama | 1.5 s/it | 3 s/it" in lines[3]
+    assert "20.0 GFLOP/s (MFU 25.0%)" in lines[4] and "peak 80.0 GFLOP/s" in lines[4]
+
+
+def test_vs_trl_generation_row_runs_each_side_in_its_own_process(tmp_path) -> None:
+    """The generation row needs no TRL: both sides (ours and ``model.generate``) run as ``--worker`` subprocesses
+    on a tiny folder, each reporting exactly batch x new tokens generated and its own peak RSS; the ratio and the
+    RSS ratio come out in the row."""
+    pytest.importorskip("transformers")
+    from hf_folders import make_llama_folder
+
+    vs_trl = _vs_trl()
+    folder = make_llama_folder(tmp_path / "llama")
+    assert vs_trl.write_prompts(folder, tmp_path / "prompts.jsonl", 64) > 2
+    args = vs_trl.build_parser().parse_args(
+        ["--rounds", "1", "--gen-batch", "2", "--gen-new-tokens", "3", "--gen-repeats", "1"]
+    )
+    row = vs_trl.compare("generation", args, folder, tmp_path)
+    sides = ["ours", "trl"] + (["ours_fast"] if vs_trl.fast_decode_field() else [])
+    for side in sides:
+        assert row[side]["new_tokens"] == 6 and row[side]["new_tokens_per_sec"] > 0
+        assert row[side]["peak_rss_mb"] > 50
+    assert row["ratio_ours_over_trl"] > 0 and row["ratio_rss_ours_over_trl"] > 0
+    assert row["ratio_uses"] == ("ours_fast" if vs_trl.fast_decode_field() else "ours")
+
+
+def test_vs_trl_matmul_peak_counts_two_n_cubed_flops_per_product() -> None:
+    peak = _vs_trl()._matmul_peak(seconds=0.05, n=64)
+    assert peak["n"] == 64 and peak["reps"] >= 1 and peak["flops_per_sec"] > 0
 
 
 def test_reward_recipe_trains_and_scores_our_side_on_a_hugging_face_folder(tmp_path, capsys) -> None:
