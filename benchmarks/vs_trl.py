@@ -1,14 +1,37 @@
-"""Training throughput of rlhf-lightning's stages vs Hugging Face TRL's trainers on the same model and data (CPU).
+"""Throughput and peak memory of rlhf-lightning's stages vs Hugging Face TRL's trainers on the same model and data (CPU).
 
-Prints one JSON object with, per comparison, both figures and ``ratio_ours_over_trl`` (> 1: ours is faster).
-Each side runs ``--rounds`` times (default 3), alternating which side goes first; the figures shown are each side's
-best round (the least disturbed by other load on a shared machine), with the median and every round's value next to
-them (``ratio_ours_over_trl_median``, ``ratio_per_round``). On a shared CPU the spread between rounds can be large;
-read the ratio only when the per-round ratios agree.
+Prints one JSON object; ``rows`` holds one entry per comparison with both figures, ``ratio_ours_over_trl`` (> 1:
+ours is faster, for every row: rates give ours / TRL, times TRL / ours), each side's ``peak_rss_mb`` and
+``ratio_rss_ours_over_trl`` (< 1: ours uses less memory). Each side runs ``--rounds`` times (default 3), alternating
+which side goes first; the figures shown are each side's best round (the least disturbed by other load on a shared
+machine), with the median and every round's value next to them (``ratio_ours_over_trl_median``,
+``ratio_per_round``); ``peak_rss_mb`` is the largest of the rounds. On a shared CPU the spread between rounds can
+be large; read the ratio only when the per-round ratios agree. ``--markdown`` also prints the README table (row,
+model, ours, TRL, ratio, peak RSS, date); ``--from-json FILE`` re-renders a saved run (``--output FILE``).
 
-* ``sft``: non-padding tokens per second of ``SFTModule`` (Lightning ``Trainer``, ``SFTDataModule``) vs TRL's
-  ``SFTTrainer`` with ``assistant_only_loss=True``;
-* ``reward``: preference pairs per second of ``RewardModule`` (``PreferenceDataModule``) vs TRL's ``RewardTrainer``;
+**One process per side.** The script re-invokes itself for each side of each row and round (``--worker ROW SIDE
+--job FILE``: the job file carries the arguments, the model folder and the run folder; the worker writes its
+summary back), so neither side's allocations, caches or imports reach the other, and the peak resident set of each
+(``getrusage(RUSAGE_SELF).ru_maxrss`` at the end of the worker) is that side's alone. The checkpoints our DPO, GRPO,
+RLOO and PPO start from are written by a ``prepare`` worker first, outside every measured process.
+
+Rows (``--only``; "both": also on ``--model``):
+
+* ``sft`` (both): non-padding tokens per second of ``SFTModule`` (Lightning ``Trainer``, ``SFTDataModule``) vs TRL's
+  ``SFTTrainer`` with ``assistant_only_loss=True``. TRL runs at its best documented setting by default
+  (``--trl-sft-mode packing``): ``packing=True, packing_strategy="bfd"`` (best-fit-decreasing packing into
+  ``max_length`` rows), which switches on ``padding_free``: each batch is one flattened row with ``position_ids``
+  restarting per conversation and no ``attention_mask``. TRL 1.16 neither requires nor checks for flash attention
+  there; with SDPA on CPU (this machine), transformers 5 rebuilds a block-diagonal causal mask from the
+  ``position_ids`` (``masking_utils.find_packed_sequence_indices``), so the conversations do not attend to each
+  other (correct loss) but SDPA computes the masked attention over the whole flattened row (``batch x max_length``
+  positions), not per conversation as flash attention's varlen kernel would. ``group_by_length`` (transformers'
+  ``LengthGroupedSampler``) and ``random`` (padded random batches) are the other modes. Ours packs when
+  ``--ours-packing`` (default: whenever ``SFTDataModule`` takes ``packing``, detected with ``inspect.signature``);
+  else it buckets by length. A packed step holds more tokens than a padded one, so the step counts mean different
+  amounts of work; the rate counts only non-padding tokens;
+* ``reward`` (both): preference pairs per second of ``RewardModule`` (``PreferenceDataModule``, packing as SFT's)
+  vs TRL's ``RewardTrainer``;
 * ``dpo``: preference pairs per second of ``DPOModule`` (sigmoid loss, ``--beta``, reference log-probs cached) vs
   TRL's ``DPOTrainer`` (``loss_type=["sigmoid"]``, same beta). Both start from the folder's weights (ours through an
   SFT-stage checkpoint of them). Ours caches each pair's reference log-probs the first time it sees the pair, which
@@ -22,29 +45,60 @@ read the ratio only when the per-round ratios agree.
   ``minibatch_size`` = all replies), KL to the reference as a loss term with weight ``--kl-coef`` for GRPO
   (TRL ``beta``; TRL's ``loss_type="grpo"``, the per-reply mean ours uses) and in the reward with ``--rloo-kl-coef``
   for RLOO (``kl_in_reward``; TRL's RLOO does the same). TRL 1.x has no prompt truncation, so only the HH prompts
-  whose templated form fits ``--max-prompt-length`` tokens are used, by both sides. The random model rarely emits
-  EOS, so replies run to the limit on both sides. Here the ratio is TRL's seconds / ours (> 1: ours is faster).
+  whose templated form fits ``--max-prompt-length`` tokens are used, by both sides (the PPO and generation rows read
+  the same prompts file). The random model rarely emits EOS, so replies run to the limit on both sides;
+* ``ppo``: seconds per iteration of ``PPOModule`` (GAE PPO with a critic) vs TRL 1.12's ``PPOTrainer``
+  (``trl.experimental.ppo``; TRL removed it after 1.12.0). TRL 1.12 is installed apart, ``pip install --no-deps
+  --target /work/trl112 trl==1.12.0``, and only that row's TRL worker puts ``--trl112-path`` (default
+  ``$RLHF_TRL112_PATH``) first on ``sys.path``. Equal on both sides: policy and reference = the folder's weights
+  (ours through an SFT checkpoint), reward model and critic = the folder's backbone + a scalar head (ours through a
+  reward-stage checkpoint, which also initialises the critic; TRL ``AutoModelForSequenceClassification``; the heads'
+  random values differ), ``--ppo-batch`` prompts per iteration, ``--ppo-epochs`` epochs of ``--ppo-batch /
+  --ppo-minibatch`` minibatches (TRL ``num_mini_batches``, ``gradient_accumulation_steps=1``: one forward and one
+  optimizer step per minibatch), replies of up to ``--max-new-tokens`` (``response_length``) at temperature 1 with no
+  top-k/top-p, stopping at EOS (``stop_token="eos"``), fixed k1 KL in the reward with ``--ppo-kl-coef``, GAE
+  gamma 1 / lambda 0.95, clip 0.2, value clip 0.2, value weight 0.1, advantages whitened and rewards not, the raw
+  reward-model score (ours ``normalize=False, clip=None``), no gradient clipping (TRL's PPO loop has none), no
+  sample generations. Differences: ours has two AdamW optimizers (policy, critic), TRL one over both; a reply
+  without EOS scores -1 in ours (``missing_eos_score``), its score minus 1 in TRL (``missing_eos_penalty=1``);
+* ``generation`` (both): new tokens per second of our sampler (``models.generation.generate`` on
+  ``HFCausalLM.from_pretrained(folder)``) vs transformers' ``model.generate`` on the first ``--gen-batch`` prompts
+  (left-padded), sampling at temperature 1 with top-k and top-p off, exactly ``--gen-new-tokens`` per row (ours with
+  no EOS id, HF with ``min_new_tokens`` = ``max_new_tokens``; checked on the output's shape), one untimed call then
+  the best of ``--gen-repeats``. When ``GenerationArgs`` has a fast-decode switch (a bool field named
+  ``compile``, ``static_cache``, ``fast_decode`` or ``cuda_graphs``: ``fast_decode_field`` in the JSON), the row
+  also runs ``ours_fast`` in its own process and the ratio uses it (``ratio_uses``; the plain one is
+  ``ratio_plain_ours_over_trl``). Here the "TRL" column is ``model.generate`` (what TRL's GRPO/RLOO/PPO sample with);
+* ``mfu``: model FLOP/s of our SFT of the built-in ``small`` preset (our BPE tokenizer, no packing) against the
+  fp32 ``torch.mm`` peak measured in the same process; FLOPs ``6 * N_matmul * tokens + 12 * layers * d_model *
+  sum(length^2)`` (see :func:`ours_mfu`). Ours only: no ratio.
 
-PPO is not compared: TRL 1.x ships no PPO trainer (``PPOTrainer`` was removed), and ``PPOModule`` is GAE PPO with a
-value model.
+``--model PATH`` (any local HF folder, e.g. SmolLM2-135M-Instruct) runs the "both" rows on it too (``sft:NAME``...,
+``--model-steps`` timed steps). Its own chat template is used, with ``{% generation %}`` markers added when it has
+none (TRL's ``assistant_only_loss`` needs them): TRL's ``get_training_chat_template`` for the templates it knows,
+else SmolLM2's ChatML is patched (:data:`CHATML_TURN_MARKED`); the marked template goes into a copy of the folder
+(weights symlinked) that both sides read.
 
 Run ``pip install -c requirements/cpu.txt -e '.[bench]'`` first (TRL is an optional benchmark dependency, never a
 dependency of the package or its tests), then::
 
-    python benchmarks/vs_trl.py [--steps 20 --warmup 3 --rounds 3 --batch-size 8 --max-length 512]
-        [--only sft reward dpo grpo rloo] [--prompts 4 --group-size 4 --max-new-tokens 32 --iterations 4]
+    python benchmarks/vs_trl.py --trl112-path /work/trl112 [--model /work/models/smollm2] [--markdown --output F]
+        [--steps 20 --warmup 3 --rounds 3 --batch-size 8 --max-length 512] [--only sft reward dpo grpo rloo ppo
+        generation mfu] [--prompts 4 --group-size 4 --max-new-tokens 32 --iterations 4] [--ppo-batch 16
+        --ppo-minibatch 8 --ppo-epochs 4] [--gen-batch 8 --gen-new-tokens 64] [--trl-sft-mode packing]
 
 What is equal between the two sides:
 
 * the model: one random Llama (``--hidden`` 256, ``--layers`` 4, ``--heads`` 4, float32, SDPA attention, no
   dropout) saved with a BPE tokenizer (trained on the SFT data) and a chat template in a temporary folder; both
-  sides load that folder (ours through ``ModelArgs(hf_path=...)``, TRL through ``AutoModelFor*``);
+  sides load that folder (ours through ``ModelArgs(hf_path=...)``, TRL through ``AutoModelFor*``); the same for
+  the marked copy of ``--model``;
 * the data (``data/hh_rlhf/sft_train.jsonl`` and ``preference_train.jsonl``), rendered with the folder's chat
   template; the template marks assistant content with ``{% generation %}`` so TRL's assistant mask and ours cover
   the same tokens (the reply and its closing EOS);
-* batch size, ``max_length``, step counts and warm-up, the same torch thread count (one process, runs one after
-  the other), no gradient checkpointing, float32 (TRL would default to bf16 autocast and gradient checkpointing; both are
-  switched off), plain ``torch.optim.AdamW`` (foreach, not fused; TRL's default is the fused one) with the same
+* batch size, ``max_length``, step counts and warm-up, the same torch thread count (one process per side, run one
+  after the other), no gradient checkpointing, float32 (TRL would default to bf16 autocast and gradient
+  checkpointing; both are switched off), plain ``torch.optim.AdamW`` (foreach, not fused; TRL's default is the fused one) with the same
   learning rate and no weight decay, gradient-norm clipping at 1.0, no data-loader workers, no checkpointing,
   no progress bar, no external logger;
 * long sequences: SFT keeps the start (``truncation="right"`` for ours, TRL's only mode ``keep_start``); the reward
@@ -53,14 +107,14 @@ What is equal between the two sides:
   callback's ``on_train_batch_end``, a TRL ``TrainerCallback``'s ``on_step_end``), so data loading, forward,
   backward, clipping, optimizer, scheduler and each framework's own per-step bookkeeping and logging all count.
   Tokens are the non-padding tokens (``attention_mask.sum()``) of the timed steps' batches; for TRL they are counted
-  by a wrapper around its data collator.
+  by a wrapper around its data collator (a padding-free batch has no padding: all its positions count).
 
 What differs (each framework's defaults, kept because they are what a user gets):
 
-* batching: ours buckets examples of similar length (``bucket_by_length=True``); TRL samples randomly and pads each
-  batch to its longest row. ``--trl-group-by-length`` switches TRL's SFT to transformers' ``LengthGroupedSampler`` (the reward
-  trainer's pair rows have no ``input_ids`` for it to measure, so it stays random there). Each
-  side's padding fraction is reported; throughput counts only non-padding tokens, so padding costs time, not credit;
+* batching: without packing ours buckets examples of similar length (``bucket_by_length=True``); TRL's SFT packs
+  (``--trl-sft-mode``, above) and its reward trainer samples randomly and pads each batch to its longest row (its
+  pair rows have no ``input_ids`` for a length sampler to measure). Each side's padding fraction is reported;
+  throughput counts only non-padding tokens, so padding costs time, not credit;
 * the SFT loss: ours computes the full logits and a masked cross-entropy; TRL 1.x computes the log-probabilities with
   its chunked "fused LM head" and also the per-step entropy and token accuracy for its logs;
 * per-step metrics: ours logs loss (and accuracy/scores for the reward model) through ``self.log``; TRL gathers its
