@@ -74,7 +74,8 @@ Rows (``--only``; "both": also on ``--model``):
   sum(length^2)`` (see :func:`ours_mfu`). Ours only: no ratio.
 
 ``--model PATH`` (any local HF folder, e.g. SmolLM2-135M-Instruct) runs the "both" rows on it too (``sft:NAME``...,
-``--model-steps`` timed steps). Its own chat template is used, with ``{% generation %}`` markers added when it has
+its own ``--model-steps`` / ``--model-warmup`` / ``--model-rounds``, default the tiny rows'; ``--model-only`` skips
+the tiny rows). Its own chat template is used, with ``{% generation %}`` markers added when it has
 none (TRL's ``assistant_only_loss`` needs them): TRL's ``get_training_chat_template`` for the templates it knows,
 else SmolLM2's ChatML is patched (:data:`CHATML_TURN_MARKED`); the marked template goes into a copy of the folder
 (weights symlinked) that both sides read.
@@ -1223,10 +1224,10 @@ UNITS = {
 
 
 def _figure(side: dict[str, Any], metric: str) -> str:
-    value = side[metric]
-    return (
-        f"{value:.3g} {UNITS[metric]}" if metric == "sec_per_iteration" else f"{value:,.0f} {UNITS[metric]}"
-    )
+    value = side[
+        metric
+    ]  # three significant figures below 1000, whole numbers with thousands separators above
+    return f"{value:.3g} {UNITS[metric]}" if value < 1000 else f"{value:,.0f} {UNITS[metric]}"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -1299,6 +1300,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model-steps", type=int, default=None, help="timed steps of the --model rows (default --steps)"
+    )
+    parser.add_argument(
+        "--model-warmup", type=int, default=None, help="warm-up steps of the --model rows (default --warmup)"
+    )
+    parser.add_argument(
+        "--model-rounds", type=int, default=None, help="rounds of the --model rows (default --rounds)"
+    )
+    parser.add_argument(
+        "--model-only", action="store_true", help="run only the --model rows (not the tiny folder's)"
     )
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (sigmoid loss)")
     parser.add_argument("--prompts", type=int, default=4, help="GRPO/RLOO: prompts per iteration")
@@ -1376,8 +1386,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.rl_warmup < 1:
         parser.error("--rl-warmup must be >= 1 (the window starts at the end of the last warm-up iteration)")
-    if args.warmup < 1:
+    if args.warmup < 1 or (args.model_warmup is not None and args.model_warmup < 1):
         parser.error("--warmup must be >= 1 (the window starts at the end of the last warm-up step)")
+    if args.model_only and not args.model:
+        parser.error("--model-only needs --model")
     if args.ppo_batch % args.ppo_minibatch:
         parser.error("--ppo-batch must be a multiple of --ppo-minibatch (TRL's num_mini_batches)")
     names = list(args.only or ROWS)
@@ -1409,6 +1421,8 @@ def main(argv: list[str] | None = None) -> None:
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
         "model_timed_steps": args.model_steps or args.steps,
+        "model_warmup_steps": args.model_warmup or args.warmup,
+        "model_rounds": args.model_rounds or args.rounds,
         "rounds": args.rounds,
         "process_per_side": True,
         "trl_sft_mode": args.trl_sft_mode,
@@ -1448,14 +1462,21 @@ def main(argv: list[str] | None = None) -> None:
 
         config = AutoConfig.from_pretrained(folder)
         result["model"]["vocab"] = config.vocab_size
-        targets = [(folder, tiny_root, args, "")]
+        targets = [] if args.model_only else [(folder, tiny_root, args, "")]
         if args.model:
             model_root = Path(tmp) / "model"
             model_root.mkdir()
             model_folder = prepare_model_folder(
                 Path(args.model).resolve(), model_root / Path(args.model).name
             )
-            model_args = argparse.Namespace(**{**vars(args), "steps": args.model_steps or args.steps})
+            model_args = argparse.Namespace(
+                **{
+                    **vars(args),
+                    "steps": args.model_steps or args.steps,
+                    "warmup": args.model_warmup or args.warmup,
+                    "rounds": args.model_rounds or args.rounds,
+                }
+            )
             targets.append((model_folder, model_root, model_args, f":{Path(args.model).name}"))
         for target, root, target_args, suffix in targets:
             rows = [n for n in names if not suffix or ROWS[n].both]
