@@ -50,9 +50,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from rlhf_lightning.distributed import global_weighted_means, refuse_device_mesh, world_size
-from rlhf_lightning.functional.logprobs import logprobs_from_logits
 from rlhf_lightning.functional.losses import dpo_loss, ipo_loss
 from rlhf_lightning.models.factory import model_spec
+from rlhf_lightning.models.lm_head import selected_logprobs
 from rlhf_lightning.optim import WarmupCosineLR, bind_total_steps
 from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY, load_checkpoint, submodule_state
 from rlhf_lightning.stages.ppo_models import policy_and_reference
@@ -129,16 +129,17 @@ def pair_response_mask(batch: PreferenceBatch) -> Tensor:
 
 
 def sequence_logprobs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, chunked: bool = True
 ) -> Tensor:
     """(N,) sum over each row of the log-probs of its ``response_mask`` tokens under ``model``.
 
     Shapes: ``input_ids``, ``attention_mask``, ``response_mask`` (N, T). The trunk runs over every row; the LM head
-    and log-softmax only over the positions that predict a response token (as ``SFTModule.loss``).
+    and log-softmax only over the positions that predict a response token (as ``SFTModule.loss``), a chunk of tokens
+    at a time when ``chunked`` and the head is a plain linear (``models.lm_head.selected_logprobs``).
     """
     target = response_mask[:, 1:]  # position t predicts token t + 1
     hidden = model.hidden_states(input_ids, attention_mask)[:, :-1][target]  # (M, D)
-    logp = logprobs_from_logits(model.lm_head(hidden)[None], input_ids[:, 1:][target][None])[0]  # (M,)
+    logp = selected_logprobs(model, hidden, input_ids[:, 1:][target], chunked=chunked)  # (M,)
     rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(target)[target]
     return torch.zeros(len(input_ids), dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
 
@@ -165,6 +166,10 @@ class DPOModule(LightningModule):
         tokenizer_path: a ``tokenizer.json`` to use when the DataModule provides no tokenizer.
         optimizer: optimizer factory (AdamW by default; set lr and weight decay in the config).
         scheduler: learning-rate schedule factory, stepped every optimizer step (warm-up + cosine by default).
+        gradient_checkpointing: recompute the policy's activations in the backward pass (per transformer block) to
+            save memory; the frozen reference never keeps activations.
+        chunked_logprobs: project the reply positions through the LM head a chunk of tokens at a time, never holding
+            the (tokens x vocab) float32 logits (``functional.chunked``; the same values and gradients).
     """
 
     def __init__(
@@ -175,9 +180,13 @@ class DPOModule(LightningModule):
         tokenizer_path: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable = WarmupCosineLR,
+        gradient_checkpointing: bool = False,
+        chunked_logprobs: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.gradient_checkpointing = gradient_checkpointing
+        self.chunked_logprobs = chunked_logprobs
         self.policy_from = policy_from
         self.dpo = dpo
         self.loss_fn = dpo.loss_fn()
@@ -203,6 +212,8 @@ class DPOModule(LightningModule):
             checkpoint["state_dict"], payload.get("policy_prefix", payload["backbone_prefix"])
         )
         self.policy, self.reference = policy_and_reference(payload["model_spec"], state)
+        if self.gradient_checkpointing:
+            self.policy.gradient_checkpointing = True
         provided = resolve_tokenizer(self, self.tokenizer_path)
         self.tokenizer = reconcile_tokenizers(provided, tokenizer_from_payload(payload), self.policy_from)
 
@@ -231,11 +242,23 @@ class DPOModule(LightningModule):
         """(2B,) reference sequence log-probs, from the cache when every pair of the batch is in it."""
         if not self.cache_ref_logprobs:
             with torch.no_grad():
-                return sequence_logprobs(self.reference, batch.input_ids, batch.attention_mask, response_mask)
+                return sequence_logprobs(
+                    self.reference,
+                    batch.input_ids,
+                    batch.attention_mask,
+                    response_mask,
+                    self.chunked_logprobs,
+                )
         b, keys = len(batch), pair_keys(batch)
         if any(k not in self._ref_cache for k in keys):
             with torch.no_grad():
-                ref = sequence_logprobs(self.reference, batch.input_ids, batch.attention_mask, response_mask)
+                ref = sequence_logprobs(
+                    self.reference,
+                    batch.input_ids,
+                    batch.attention_mask,
+                    response_mask,
+                    self.chunked_logprobs,
+                )
             values = ref.float().cpu().tolist()
             for i, key in enumerate(keys):
                 self._ref_cache[key] = (values[i], values[b + i])
@@ -247,7 +270,9 @@ class DPOModule(LightningModule):
         """Steps 1-4 of the module docstring: ``(loss, stats)`` of the configured preference loss."""
         b = len(batch)
         response_mask = pair_response_mask(batch)  # 1
-        policy = sequence_logprobs(self.policy, batch.input_ids, batch.attention_mask, response_mask)  # 2
+        policy = sequence_logprobs(  # 2
+            self.policy, batch.input_ids, batch.attention_mask, response_mask, self.chunked_logprobs
+        )
         ref = self.reference_logprobs(batch, response_mask).to(policy.dtype)  # 3
         return self.loss_fn(policy[:b], policy[b:], ref[:b], ref[b:])  # 4
 

@@ -75,7 +75,7 @@ class RewardModule(LightningModule):
     Args:
         init_from: the SFT checkpoint (file or stage folder) whose backbone the reward model starts from; a reward
             checkpoint also works (its head is kept). ``None`` trains from random weights built from ``model``.
-        model: architecture when ``init_from`` is ``None``.
+        model: architecture when ``init_from`` is ``None`` (its ``gradient_checkpointing`` applies to either).
         tokenizer_path: a ``tokenizer.json`` to use when the DataModule provides no tokenizer.
         optimizer: optimizer factory (AdamW by default).
         scheduler: learning-rate schedule factory, stepped every optimizer step.
@@ -127,6 +127,8 @@ class RewardModule(LightningModule):
                 self.init_from, trust_remote_code=self.model_args.trust_remote_code
             )
             self.tokenizer = reconcile_tokenizers(self.tokenizer, stored, self.init_from)
+            if self.model_args.gradient_checkpointing:  # the loaded architecture, this run's memory setting
+                backbone.gradient_checkpointing = True
             self.reward_model = RewardModel(backbone)
             payload = checkpoint[PAYLOAD_KEY]
             if payload["stage"] == "reward":  # continue from a reward model: keep its head and statistics too

@@ -3,7 +3,8 @@
 ``training_step``:
     1. forward the right-padded conversations through the trunk (one causal pass),
     2. next-token cross-entropy on assistant tokens only (every assistant turn, each reply's closing EOS included),
-       projecting through the LM head only the positions that predict such a token,
+       projecting through the LM head only the positions that predict such a token, a chunk of tokens at a time
+       (``functional.chunked``: no (tokens x vocab) float32 logits in forward or backward),
     3. log ``train/loss`` and non-padding tokens per second.
 
 Validation logs the token-weighted ``val/loss`` and ``val/ppl = exp(val/loss)``.
@@ -39,8 +40,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
 from rlhf_lightning.distributed import all_reduce_sum, shard_for_strategy, world_size
+from rlhf_lightning.functional.chunked import lm_head_nll_loss
 from rlhf_lightning.functional.losses import token_nll_loss
 from rlhf_lightning.models.factory import ModelArgs, build_model, model_from_spec, model_spec
+from rlhf_lightning.models.lm_head import linear_head
 from rlhf_lightning.optim import WarmupCosineLR, bind_total_steps
 from rlhf_lightning.stages.checkpoints import PAYLOAD_KEY, SetupError, load_backbone
 from rlhf_lightning.stages.tokenizer_link import (
@@ -58,11 +61,15 @@ class SFTModule(LightningModule):
     """Causal-LM fine-tuning with the loss on assistant tokens.
 
     Args:
-        model: architecture of the built-in model (ignored when ``init_from`` is set: the checkpoint's is used).
+        model: architecture of the built-in model (ignored when ``init_from`` is set: the checkpoint's is used, with
+            this ``gradient_checkpointing`` setting).
         init_from: start from this checkpoint (file or stage folder) instead of random weights.
         tokenizer_path: a ``tokenizer.json`` to use when the DataModule provides no tokenizer.
         optimizer: optimizer factory (AdamW by default; set lr and weight decay in the config).
         scheduler: learning-rate schedule factory, stepped every optimizer step (warm-up + cosine by default).
+        chunked_loss: project the assistant positions through the LM head a chunk of tokens at a time, so the
+            (tokens x vocab) float32 logits are never held (``functional.chunked``; same loss and gradients). Only
+            with a plain linear head; a LoRA-wrapped or custom head always takes the plain path.
     """
 
     def __init__(
@@ -72,10 +79,12 @@ class SFTModule(LightningModule):
         tokenizer_path: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable = WarmupCosineLR,
+        chunked_loss: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model_args = model
+        self.chunked_loss = chunked_loss
         self.init_from = init_from
         self.tokenizer_path = tokenizer_path
         self.optimizer_factory = optimizer
@@ -109,6 +118,8 @@ class SFTModule(LightningModule):
                 self.init_from, trust_remote_code=self.model_args.trust_remote_code
             )
             self.tokenizer = reconcile_tokenizers(self.tokenizer, stored, self.init_from)
+            if self.model_args.gradient_checkpointing:  # the loaded architecture, this run's memory setting
+                self.model.gradient_checkpointing = True
         elif self.tokenizer is not None:
             self.model = build_model(self.model_args, self.tokenizer.vocab_size)
         # else: built from the checkpoint payload in on_load_checkpoint (load_from_checkpoint without a Trainer)
@@ -171,7 +182,11 @@ class SFTModule(LightningModule):
         hidden = self.model.hidden_states(batch.input_ids, batch.attention_mask)[:, :-1][
             target_mask
         ]  # (N, D)
-        return token_nll_loss(self.model.lm_head(hidden), batch.input_ids[:, 1:][target_mask])
+        targets = batch.input_ids[:, 1:][target_mask]  # (N,)
+        head = linear_head(self.model) if self.chunked_loss else None
+        if head is not None:  # chunked over tokens: never the (N, V) float32 logits (functional.chunked)
+            return lm_head_nll_loss(hidden, head.weight, targets, head.bias)
+        return token_nll_loss(self.model.lm_head(hidden), targets)
 
     def training_step(self, batch: SFTBatch, batch_idx: int) -> torch.Tensor:
         loss, stats = self.loss(batch)  # 1. forward, 2. loss on assistant tokens

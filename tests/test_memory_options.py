@@ -1,0 +1,133 @@
+"""Memory options of the stages against their plain paths: the chunked LM-head loss of SFT and DPO log-probs (same
+values and gradients as the full-logits path, built-in GPT and Hugging Face backbones, tied or not, a LoRA-wrapped
+head falling back), and activation checkpointing (same gradients on and off, built-in and Hugging Face)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_lightning.models.factory import LoRAArgs
+from rlhf_lightning.models.gpt import create_model
+from rlhf_lightning.models.lm_head import linear_head, selected_logprobs
+from rlhf_lightning.stages.dpo import sequence_logprobs
+from rlhf_lightning.stages.sft import SFTModule
+from rlhf_lightning.types import SFTBatch
+
+V = 211
+
+
+def _hf(tied: bool, lora: LoRAArgs | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_lightning.models.hf import HFCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+    return HFCausalLM(LlamaForCausalLM(config), "in-memory", lora=lora)
+
+
+def _batch(seed: int = 0) -> SFTBatch:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (3, 14), generator=g)
+    lengths = torch.tensor([14, 10, 7])
+    attention = torch.arange(14)[None] < lengths[:, None]
+    loss_mask = attention & (torch.arange(14)[None] >= torch.tensor([4, 6, 2])[:, None])
+    return SFTBatch(input_ids=ids, attention_mask=attention, loss_mask=loss_mask)
+
+
+def _sft_loss_and_grads(model: torch.nn.Module, chunked: bool):
+    module = SFTModule(chunked_loss=chunked)
+    module.model = model
+    model.zero_grad()
+    loss, stats = module.loss(_batch())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), stats, grads
+
+
+def _assert_same(a, b) -> None:
+    (loss_a, stats_a, grads_a), (loss_b, stats_b, grads_b) = a, b
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert float(stats_a["tokens"]) == float(stats_b["tokens"]) > 0
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_sft_chunked_loss_equals_plain_loss_built_in(tied: bool) -> None:
+    torch.manual_seed(0)
+    model = create_model("tiny", vocab_size=V, n_embd=32, n_head=2, tie_embeddings=tied)
+    assert linear_head(model) is model.lm_head
+    _assert_same(_sft_loss_and_grads(model, True), _sft_loss_and_grads(model, False))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_sft_chunked_loss_equals_plain_loss_hf(tied: bool) -> None:
+    model = _hf(tied)
+    head = linear_head(model)
+    assert head is not None and (head.weight is model.hf_model.get_input_embeddings().weight) == tied
+    _assert_same(_sft_loss_and_grads(model, True), _sft_loss_and_grads(model, False))
+
+
+def test_lora_wrapped_head_falls_back_to_the_plain_path() -> None:
+    model = _hf(False, LoRAArgs(r=4, alpha=8, target_modules=("q_proj", "v_proj", "lm_head")))
+    assert (
+        linear_head(model) is None
+    )  # peft's lora.Linear adds its own path: chunking the base weight would drop it
+    _assert_same(_sft_loss_and_grads(model, True), _sft_loss_and_grads(model, False))
+    plain = _hf(False, LoRAArgs(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    assert linear_head(plain) is plain.lm_head  # LoRA elsewhere: the (frozen) head still chunks
+    hidden, targets = torch.randn(5, 32), torch.randint(0, V, (5,))
+    torch.testing.assert_close(
+        selected_logprobs(plain, hidden, targets), selected_logprobs(plain, hidden, targets, chunked=False)
+    )
+
+
+def test_dpo_sequence_logprobs_chunked_equal_plain() -> None:
+    torch.manual_seed(0)
+    model = create_model("tiny", vocab_size=V, n_embd=32, n_head=2)
+    batch = _batch(1)
+    out = {}
+    for chunked in (True, False):
+        model.zero_grad()
+        logp = sequence_logprobs(
+            model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunked=chunked
+        )
+        (logp * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        out[chunked] = (logp.detach(), model.wte.weight.grad.clone())
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-6)
+
+
+def _grads_with_checkpointing(model: torch.nn.Module, on: bool) -> dict[str, torch.Tensor]:
+    model.train()
+    model.gradient_checkpointing = on
+    model.zero_grad()
+    _sft_loss_and_grads(model, True)  # forward + backward through the SFT loss
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.gradient_checkpointing = False
+    return grads
+
+
+@pytest.mark.parametrize("kind", ["gpt", "hf"])
+def test_activation_checkpointing_gives_the_same_gradients(kind: str) -> None:
+    if kind == "gpt":
+        torch.manual_seed(0)
+        model = create_model("tiny", vocab_size=V, n_embd=32, n_head=2)
+    else:
+        model = _hf(True)
+    off, on = _grads_with_checkpointing(model, False), _grads_with_checkpointing(model, True)
+    assert off.keys() == on.keys() and off
+    for name in off:
+        torch.testing.assert_close(on[name], off[name], rtol=1e-5, atol=1e-7, msg=name)
