@@ -1,7 +1,7 @@
 """The suite's ``LightningCLI``: shared by ``rlhf-lightning fit|validate|test|predict`` and the pipeline.
 
 Defaults it adds to a plain LightningCLI: precision chosen per device when the config leaves it unset (bf16-mixed on
-CUDA GPUs that support it, 32-true elsewhere), atomic checkpoint writes and ``weights_only`` reads (``--ckpt_path``
+CUDA GPUs that support it and on CPUs with native bf16 instructions, 32-true elsewhere; the choice is printed), atomic checkpoint writes and ``weights_only`` reads (``--ckpt_path``
 included), guards before training (a fresh run may not start in a checkpoint folder that already holds
 checkpoints, and every checkpoint folder must be writable: :class:`WritableCheckpointFolders`),
 ``trainer.use_distributed_sampler: false`` (the DataModules' batch samplers shard by rank themselves, so the shipped
@@ -24,6 +24,7 @@ Lightning's ``_pytree``; the progress bar no longer shows the logger's version (
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -42,33 +43,59 @@ from rlhf_lightning.stages.checkpoints import (
     read_checkpoint_file,
 )
 
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+"""``/proc/cpuinfo`` flags of x86 CPUs with native bf16 matmuls (AVX512-BF16 dot products, AMX tiles)."""
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU feature flags listed in ``cpuinfo`` (the ``flags`` line of Linux's ``/proc/cpuinfo``); empty when the
+    file is missing or unreadable (macOS, Windows), so such machines keep fp32."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
 
 def choose_precision(
-    accelerator: object, *, cuda_available: bool | None = None, bf16_supported: bool | None = None
+    accelerator: object,
+    *,
+    cuda_available: bool | None = None,
+    bf16_supported: bool | None = None,
+    flags: frozenset[str] | None = None,
 ) -> str:
-    """The Trainer precision used when a config leaves ``trainer.precision`` unset.
+    """The Trainer precision used when a config leaves ``trainer.precision`` unset ("auto").
 
-    ``bf16-mixed`` when the run will use a CUDA GPU that supports bf16, ``32-true`` elsewhere (CPU, MPS, older GPUs).
+    ``bf16-mixed`` when the run will use a CUDA GPU that supports bf16, or will run on a CPU whose flags show native
+    bf16 (:data:`CPU_BF16_FLAGS`: autocast then runs the matmuls in bf16, about 2x faster than fp32 on such a CPU for
+    a model past the tiny presets); ``32-true`` elsewhere (CPUs without bf16 instructions, MPS, older GPUs). An
+    explicit ``trainer.precision`` is never replaced.
 
     Args:
         accelerator: the config's ``trainer.accelerator`` (``None``, ``"auto"``, ``"gpu"``, ``"cuda"``, ``"cpu"``, ...).
         cuda_available: whether CUDA is usable (None: ask torch).
         bf16_supported: whether the GPU supports bf16 (None: ask torch; only asked when CUDA is usable).
+        flags: the CPU's feature flags (None: read ``/proc/cpuinfo`` with :func:`cpu_flags`; only read for a CPU run).
     """
-    wants_cuda = accelerator is None or (
-        isinstance(accelerator, str) and accelerator in ("auto", "gpu", "cuda")
-    )
-    if not wants_cuda:
-        return "32-true"
-    import torch
+    auto = accelerator is None or accelerator == "auto"
+    if auto or accelerator in ("gpu", "cuda"):
+        import torch
 
-    if cuda_available is None:
-        cuda_available = torch.cuda.is_available()
-    if not cuda_available:
-        return "32-true"
-    if bf16_supported is None:
-        bf16_supported = torch.cuda.is_bf16_supported()
-    return "bf16-mixed" if bf16_supported else "32-true"
+        if cuda_available is None:
+            cuda_available = torch.cuda.is_available()
+        if cuda_available:
+            if bf16_supported is None:
+                bf16_supported = torch.cuda.is_bf16_supported()
+            return "bf16-mixed" if bf16_supported else "32-true"
+    if auto or accelerator == "cpu":
+        if flags is None:
+            flags = cpu_flags()
+        return "bf16-mixed" if CPU_BF16_FLAGS & set(flags) else "32-true"
+    return "32-true"
 
 
 def checkpoint_dir(callback: object, trainer: object) -> Path | None:
@@ -238,7 +265,14 @@ class RLHFLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.get("precision") is None:
-            config.trainer.precision = choose_precision(config.trainer.get("accelerator"))
+            accelerator = config.trainer.get("accelerator")
+            config.trainer.precision = choose_precision(accelerator)
+            if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+                print(
+                    f"rlhf-lightning: trainer.precision={config.trainer.precision} chosen for accelerator="
+                    f"{accelerator or 'auto'} (set trainer.precision to override)",
+                    file=sys.stderr,
+                )
         if self.subcommand in _EVAL_HOOKS:
             self._check_supports(self.subcommand, config)
         if self.subcommand == "fit" and not config.get("ckpt_path"):

@@ -9,36 +9,73 @@ from pathlib import Path
 
 import pytest
 import torch
+from jsonargparse import Namespace
 
 from rlhf_lightning.cli import USAGE, main
-from rlhf_lightning.stage_cli import checkpoint_dir, choose_precision
+from rlhf_lightning.stage_cli import checkpoint_dir, choose_precision, cpu_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+BF16_CPU = frozenset({"fpu", "avx512f", "avx512_bf16"})
+AMX_CPU = frozenset({"fpu", "amx_tile", "amx_bf16"})
+PLAIN_CPU = frozenset({"fpu", "avx2", "avx512f"})
+
+
 @pytest.mark.parametrize(
-    ("accelerator", "cuda", "bf16", "expected"),
+    ("accelerator", "cuda", "bf16", "flags", "expected"),
     [
-        ("cpu", True, True, "32-true"),  # an explicit CPU run never asks for bf16
-        ("auto", False, None, "32-true"),  # no GPU
-        (None, False, None, "32-true"),
-        ("auto", True, True, "bf16-mixed"),
-        ("gpu", True, True, "bf16-mixed"),
-        ("cuda", True, True, "bf16-mixed"),
-        ("gpu", True, False, "32-true"),  # a GPU without bf16 (e.g. V100)
-        ("mps", True, True, "32-true"),
+        ("cpu", True, True, PLAIN_CPU, "32-true"),  # a CPU without bf16 instructions
+        ("cpu", True, True, BF16_CPU, "bf16-mixed"),  # AVX512-BF16
+        ("cpu", False, None, AMX_CPU, "bf16-mixed"),  # AMX
+        ("auto", False, None, PLAIN_CPU, "32-true"),  # no GPU, plain CPU
+        ("auto", False, None, BF16_CPU, "bf16-mixed"),  # no GPU: the CPU decides
+        (None, False, None, frozenset(), "32-true"),  # no flags read (not Linux)
+        ("auto", True, True, PLAIN_CPU, "bf16-mixed"),
+        ("gpu", True, True, PLAIN_CPU, "bf16-mixed"),
+        ("cuda", True, True, PLAIN_CPU, "bf16-mixed"),
+        ("gpu", True, False, BF16_CPU, "32-true"),  # a GPU without bf16 (e.g. V100): the CPU does not matter
+        ("auto", True, False, BF16_CPU, "32-true"),
+        ("mps", True, True, BF16_CPU, "32-true"),
     ],
 )
-def test_choose_precision(accelerator, cuda: bool, bf16: bool | None, expected: str) -> None:
-    assert choose_precision(accelerator, cuda_available=cuda, bf16_supported=bf16) == expected
+def test_choose_precision(accelerator, cuda: bool, bf16: bool | None, flags, expected: str) -> None:
+    got = choose_precision(accelerator, cuda_available=cuda, bf16_supported=bf16, flags=flags)
+    assert got == expected
+
+
+def test_cpu_flags_reads_the_flags_line(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse avx512_bf16 amx_tile\n\nprocessor\t: 1\n"
+    )
+    assert cpu_flags(info) == {"fpu", "sse", "avx512_bf16", "amx_tile"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+    assert choose_precision("cpu", flags=cpu_flags(info)) == "bf16-mixed"
 
 
 def test_choose_precision_on_this_machine() -> None:
-    expected = "32-true"
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        expected = "bf16-mixed"
+    flags = cpu_flags()
+    cpu = "bf16-mixed" if {"avx512_bf16", "amx_bf16"} & flags else "32-true"
+    expected = cpu
+    if torch.cuda.is_available():
+        expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
     assert choose_precision("auto") == expected
-    assert choose_precision("cpu") == "32-true"
+    assert choose_precision("cpu") == cpu
+
+
+def test_cli_prints_the_chosen_precision_and_keeps_an_explicit_one(capsys) -> None:
+    from rlhf_lightning.stage_cli import RLHFLightningCLI
+
+    cli = RLHFLightningCLI.__new__(RLHFLightningCLI)  # only before_instantiate_classes' precision branch
+    for given, expected in ((None, choose_precision("cpu")), ("32-true", "32-true")):
+        trainer = Namespace(accelerator="cpu", precision=given)
+        cli.subcommand, cli.config = None, Namespace(trainer=trainer)
+        cli._check_supports = lambda *a: None
+        cli.before_instantiate_classes()
+        assert trainer.precision == expected
+        printed = capsys.readouterr().err
+        assert (f"trainer.precision={expected} chosen" in printed) == (given is None)
 
 
 def test_checkpoint_dir_follows_lightning_layout(tmp_path: Path) -> None:
