@@ -131,3 +131,36 @@ def test_activation_checkpointing_gives_the_same_gradients(kind: str) -> None:
     assert off.keys() == on.keys() and off
     for name in off:
         torch.testing.assert_close(on[name], off[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_sft_memory_benchmark_worker_runs_one_row(capsys) -> None:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sft_memory.py"
+    spec = importlib.util.spec_from_file_location("sft_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = [
+        "--worker",
+        "--vocab",
+        "64",
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+    ]
+    row = bench.main([*argv, "--chunked", "--ckpt"])
+    assert json.loads(capsys.readouterr().out) == row
+    assert set(row) == {"peak_step_mib", "step_s", "tokens_per_sec", "loss"} and row["tokens_per_sec"] > 0
+    assert {name for name, *_ in bench.ROWS} >= {
+        "full_fp32",
+        "chunked_fp32",
+        "chunked_bf16",
+        "chunked_fp32_ckpt",
+    }
