@@ -415,8 +415,9 @@ def ours_sft(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any
     return {**window.summary("sequences"), "packing": getattr(data, "packing", False)}
 
 
-def _preference_data(args: argparse.Namespace, folder: Path):
-    """The shipped training pairs, as the reward and DPO rows both read them (too-long pairs dropped)."""
+def _preference_data(args: argparse.Namespace, folder: Path, packing: bool = True):
+    """The shipped training pairs, as the reward and DPO rows both read them (too-long pairs dropped); DPO passes
+    ``packing=False`` (it refuses packed batches)."""
     from rlhf_lightning.data.preference import PreferenceDataModule
 
     return PreferenceDataModule(
@@ -428,7 +429,7 @@ def _preference_data(args: argparse.Namespace, folder: Path):
         truncation="drop",
         batch_size=args.batch_size,
         seed=args.seed,
-        **_ours_packing(args, PreferenceDataModule),
+        **(_ours_packing(args, PreferenceDataModule) if packing else {}),
     )
 
 
@@ -468,7 +469,7 @@ def _stage_checkpoint(folder: Path, root: str, stage: str = "sft") -> str:
 def ours_dpo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any]:
     from rlhf_lightning.stages.dpo import DPOArgs, DPOModule
 
-    data = _preference_data(args, folder)
+    data = _preference_data(args, folder, packing=False)
     module = DPOModule(
         policy_from=_stage_checkpoint(folder, root),
         dpo=DPOArgs(loss="sigmoid", beta=args.beta),

@@ -33,24 +33,68 @@ class _TensorBatch:
         )
 
 
-@dataclass(frozen=True)
-class SFTBatch(_TensorBatch):
-    """Right-padded conversations for supervised fine-tuning."""
+class _Packable:
+    """Padding-free ("packed") layout shared by SFT and preference batches.
 
-    input_ids: Tensor  # (B, T) long: rendered conversation, padded with the pad id
-    attention_mask: Tensor  # (B, T) bool: True on real tokens (built from lengths)
-    loss_mask: (
-        Tensor  # (B, T) bool: True where input_ids[t] is an assistant token (content or its EOS) to predict
+    Packed, the D documents lie end to end in one row: every tensor is (1, N) with N the total token count (plus
+    padding to a multiple, ``attention_mask`` False there), ``position_ids`` restart at 0 in each document and
+    ``cu_seqlens`` (D + 1,) int32 holds the cumulative document lengths (document d is columns
+    ``cu_seqlens[d]:cu_seqlens[d + 1]``). Unpacked (the default) both are None and rows are right-padded.
+    """
+
+    cu_seqlens: Tensor | None
+
+    @property
+    def packed(self) -> bool:
+        """True when the documents are concatenated in one row (``cu_seqlens`` set)."""
+        return self.cu_seqlens is not None
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences (documents) in the batch: rows when padded, ``len(cu_seqlens) - 1`` when packed."""
+        if self.cu_seqlens is not None:
+            return self.cu_seqlens.shape[0] - 1
+        return self.input_ids.shape[0]  # type: ignore[attr-defined]
+
+    @property
+    def sequence_lengths(self) -> Tensor:  # (D,) long: real tokens of each sequence (document)
+        if self.cu_seqlens is not None:
+            return self.cu_seqlens.diff().long()
+        return self.attention_mask.sum(-1)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class SFTBatch(_Packable, _TensorBatch):
+    """Right-padded conversations for supervised fine-tuning, or the same conversations packed in one row.
+
+    ``len(batch)`` is the number of conversations in both layouts.
+    """
+
+    input_ids: Tensor  # (B, T) long: rendered conversation, padded with the pad id; packed: (1, N)
+    attention_mask: Tensor  # (B, T) bool: True on real tokens (built from lengths); packed: (1, N)
+    loss_mask: Tensor  # (B, T) bool: True where input_ids[t] is an assistant token (content or its EOS) to predict  # packed: (1, N)
+    position_ids: Tensor | None = None  # packed only: (1, N) long, 0, 1, ... restarting in each conversation
+    cu_seqlens: Tensor | None = (
+        None  # packed only: (B + 1,) int32 cumulative conversation lengths, [0, ..., n_real]
     )
 
+    def __len__(self) -> int:
+        return self.num_sequences
+
 
 @dataclass(frozen=True)
-class PreferenceBatch(_TensorBatch):
-    """Chosen and rejected conversations stacked so one forward scores both: rows [0, B) chosen, [B, 2B) rejected."""
+class PreferenceBatch(_Packable, _TensorBatch):
+    """Chosen and rejected conversations stacked so one forward scores both: rows [0, B) chosen, [B, 2B) rejected.
 
-    input_ids: Tensor  # (2B, T) long: right-padded prompt + response
-    attention_mask: Tensor  # (2B, T) bool: True on real tokens
+    Packed, the same 2B sequences are documents in that order (chosen 0..B-1, then rejected) in one row.
+    ``len(batch)`` is the number of pairs B in both layouts.
+    """
+
+    input_ids: Tensor  # (2B, T) long: right-padded prompt + response; packed: (1, N)
+    attention_mask: Tensor  # (2B, T) bool: True on real tokens; packed: (1, N)
     margin: Tensor  # (B,) float: required score margin of chosen over rejected (0 when the data has none)
+    position_ids: Tensor | None = None  # packed only: (1, N) long, 0, 1, ... restarting in each sequence
+    cu_seqlens: Tensor | None = None  # packed only: (2B + 1,) int32 cumulative sequence lengths
 
     def __len__(self) -> int:
         return self.margin.shape[0]

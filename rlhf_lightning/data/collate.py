@@ -11,6 +11,12 @@ header and generation appends in one column for the whole batch.
 ``pad_to_multiple_of`` rounds the common length ``T`` up (e.g. 8 or 64) so GPU kernels see friendly shapes; the
 extra columns are padding with every mask False.
 
+Packing (``collate_sft_packed``, ``collate_preference_packed``): the sequences are concatenated into one row
+(1, N) with no padding between them, ``position_ids`` restarting at 0 in each sequence and ``cu_seqlens`` (D + 1,)
+int32 cumulative lengths, the layout of flash-attention's varlen kernels and of Hugging Face's padding-free
+training. ``pad_to_multiple_of`` then pads the row's end only (``attention_mask`` and ``loss_mask`` False there; the
+pad positions count 0, 1, ... as a document of their own, so they never join the last real sequence).
+
 ``ScoringBatch`` is defined here because ``types.py`` has no batch for "score these conversations" (reward-model
 prediction); it follows the same conventions as the types there.
 """
@@ -29,9 +35,12 @@ from rlhf_lightning.types import PreferenceBatch, PromptBatch, SFTBatch, _Tensor
 __all__ = [
     "ScoringBatch",
     "collate_preference",
+    "collate_preference_packed",
     "collate_prompts",
     "collate_scoring",
     "collate_sft",
+    "collate_sft_packed",
+    "pack_sequences",
     "padded_length",
 ]
 
@@ -94,6 +103,84 @@ def collate_sft(
         if len(m):
             loss_mask[i, : len(m)] = torch.as_tensor(list(m), dtype=torch.bool)
     return SFTBatch(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask)
+
+
+def pack_sequences(
+    seqs: Sequence[Sequence[int]], pad_id: int, pad_to_multiple_of: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Concatenate ``seqs`` (D sequences) into one row: ``(input_ids, attention_mask, position_ids, cu_seqlens)``.
+
+    Shapes: ids/mask/positions (1, N) with N = the total length rounded up to ``pad_to_multiple_of``, cu_seqlens
+    (D + 1,) int32 (``cu_seqlens[-1]`` is the real token count). Trailing pad columns hold ``pad_id``, mask False and
+    positions 0, 1, ... (their own document). An empty sequence raises ``ValueError``.
+    """
+    if len(seqs) == 0:
+        raise ValueError("cannot collate an empty batch")
+    lengths = [len(s) for s in seqs]
+    if min(lengths) < 1:
+        raise ValueError(
+            f"sequence {lengths.index(0)} is empty; packing needs at least one token per sequence"
+        )
+    total = sum(lengths)
+    n = padded_length([total], pad_to_multiple_of)
+    ids = torch.full((1, n), pad_id, dtype=torch.long)
+    ids[0, :total] = torch.as_tensor([t for s in seqs for t in s], dtype=torch.long)
+    mask = torch.zeros((1, n), dtype=torch.bool)
+    mask[0, :total] = True
+    cu_seqlens = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.as_tensor(lengths, dtype=torch.int32).cumsum(0)
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), torch.as_tensor(lengths))  # (total,)
+    positions = torch.arange(n)
+    positions[:total] -= starts
+    positions[total:] -= total
+    return ids, mask, positions[None], cu_seqlens
+
+
+def collate_sft_packed(
+    examples: Sequence[tuple[Sequence[int], Sequence[bool]]],
+    pad_id: int,
+    pad_to_multiple_of: int | None = None,
+) -> SFTBatch:
+    """Pack ``(ids, assistant_mask)`` pairs into one padding-free row (see the module notes); ``len()`` = B.
+
+    ``loss_mask`` is each example's assistant mask, in place. Shapes: (1, N), cu_seqlens (B + 1,).
+    """
+    for i, (ids, m) in enumerate(examples):
+        if len(ids) != len(m):
+            raise ValueError(f"example {i}: {len(ids)} ids but {len(m)} mask entries")
+    input_ids, attention_mask, position_ids, cu_seqlens = pack_sequences(
+        [e[0] for e in examples], pad_id, pad_to_multiple_of
+    )
+    loss_mask = torch.zeros_like(attention_mask)
+    total = int(cu_seqlens[-1])
+    loss_mask[0, :total] = torch.as_tensor([bool(b) for e in examples for b in e[1]], dtype=torch.bool)
+    return SFTBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        loss_mask=loss_mask,
+        position_ids=position_ids,
+        cu_seqlens=cu_seqlens,
+    )
+
+
+def collate_preference_packed(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int], float]],
+    pad_id: int,
+    pad_to_multiple_of: int | None = None,
+) -> PreferenceBatch:
+    """Pack ``(chosen_ids, rejected_ids, margin)`` triples into one row: documents ``[0, B)`` are the chosen
+    sequences, ``[B, 2B)`` the rejected ones (the order of :func:`collate_preference`'s rows). Shapes: (1, N),
+    cu_seqlens (2B + 1,), margin (B,)."""
+    seqs = [p[0] for p in pairs] + [p[1] for p in pairs]
+    input_ids, attention_mask, position_ids, cu_seqlens = pack_sequences(seqs, pad_id, pad_to_multiple_of)
+    margin = torch.tensor([float(p[2]) for p in pairs], dtype=torch.float32)
+    return PreferenceBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        margin=margin,
+        position_ids=position_ids,
+        cu_seqlens=cu_seqlens,
+    )
 
 
 def collate_preference(

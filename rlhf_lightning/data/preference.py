@@ -22,6 +22,8 @@ Choices:
 * Training batches are length-bucketed by the longer sequence of each pair; evaluation batches are sorted longest
   first. Multi-device training needs ``Trainer(use_distributed_sampler=False)`` (the sampler shards itself). The
   train loader resumes mid-epoch at the next batch (:class:`~rlhf_lightning.data.sampling.ResumableDataLoader`).
+* ``packing=True`` serves the same pair batches packed padding-free into one row (train, validation and test;
+  ``data.collate.collate_preference_packed``); prediction batches stay padded.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.data import DataLoader, Dataset
 
 from rlhf_lightning.data.base import ChatDataModule, RenderedRows, collate_rendered_rows
-from rlhf_lightning.data.collate import collate_preference, collate_scoring
+from rlhf_lightning.data.collate import collate_preference, collate_preference_packed, collate_scoring
 from rlhf_lightning.data.formats import PreferencePair, load_rows, parse_conversation, parse_preference
 from rlhf_lightning.data.sampling import LengthBucketBatchSampler, ResumableDataLoader
 from rlhf_lightning.data.sft import (
@@ -196,6 +198,11 @@ class PreferenceDataModule(ChatDataModule):
         batch_size: pairs per batch (a batch holds 2 x batch_size sequences).
         bucket_by_length: batch training pairs of similar length; False = random batches.
         pad_to_multiple_of: round each batch's length up to a multiple of this (e.g. 8 on GPU); None = exact.
+        packing: serve padding-free batches: the batch's 2 x batch_size sequences (chosen ones first, then rejected) end to end in one (1, N) row with per-sequence
+            ``position_ids`` and ``cu_seqlens`` (``data.collate.pack_sequences``); the stage attends within each
+            sequence only, so loss and gradients equal the padded batches'. ``batch_size`` still counts pairs
+            (``len(batch)``); ``bucket_by_length`` then only shapes which examples share a batch. Only for stages
+            that read packed batches (SFT, reward model; DPO refuses them).
         skip_bad_rows: skip (and count) rows that fail validation instead of raising.
         num_workers: DataLoader worker processes.
         seed: seed of the validation split and of the batch order.
@@ -215,6 +222,7 @@ class PreferenceDataModule(ChatDataModule):
         batch_size: int = 8,
         bucket_by_length: bool = True,
         pad_to_multiple_of: int | None = None,
+        packing: bool = False,
         skip_bad_rows: bool = False,
         num_workers: int = 0,
         seed: int = 0,
@@ -235,6 +243,7 @@ class PreferenceDataModule(ChatDataModule):
         self.batch_size = batch_size
         self.bucket_by_length = bucket_by_length
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.packing = packing
         self.skip_bad_rows = skip_bad_rows
         self.num_workers = num_workers
         self.seed = seed
@@ -342,7 +351,9 @@ class PreferenceDataModule(ChatDataModule):
     # ------------------------------------------------------------------------------------------ loaders
     def _collate(self) -> Callable:
         return functools.partial(
-            collate_preference, pad_id=self.tokenizer.pad_id, pad_to_multiple_of=self.pad_to_multiple_of
+            collate_preference_packed if self.packing else collate_preference,
+            pad_id=self.tokenizer.pad_id,
+            pad_to_multiple_of=self.pad_to_multiple_of,
         )
 
     def _loader_kwargs(self) -> dict[str, Any]:

@@ -23,6 +23,8 @@ Choices:
   plain ``DataLoader`` (so Lightning may shard them in distributed runs). Multi-device training with the bucketing
   sampler needs ``Trainer(use_distributed_sampler=False)``: the sampler shards by rank itself. The train loader is a
   :class:`~rlhf_lightning.data.sampling.ResumableDataLoader`: a mid-epoch checkpoint resumes at the next batch.
+* ``packing=True`` serves the same batches (same sampler, same examples) packed padding-free into one row
+  (``data.collate.collate_sft_packed``), train and validation alike.
 * ``prepare_data()`` trains (or loads) the tokenizer once, on rank 0; ``setup()`` loads it on every rank.
 """
 
@@ -39,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rlhf_lightning.data.base import ChatDataModule
-from rlhf_lightning.data.collate import collate_sft
+from rlhf_lightning.data.collate import collate_sft, collate_sft_packed
 from rlhf_lightning.data.formats import Conversation, load_rows, parse_conversation
 from rlhf_lightning.data.sampling import LengthBucketBatchSampler, ResumableDataLoader
 from rlhf_lightning.types import Message
@@ -266,6 +268,11 @@ class SFTDataModule(ChatDataModule):
         batch_size: conversations per batch.
         bucket_by_length: batch training examples of similar length (far less padding); False = random batches.
         pad_to_multiple_of: round each batch's length up to a multiple of this (e.g. 8 on GPU); None = exact.
+        packing: serve padding-free batches: the batch's conversations end to end in one (1, N) row with per-sequence
+            ``position_ids`` and ``cu_seqlens`` (``data.collate.pack_sequences``); the stage attends within each
+            sequence only, so loss and gradients equal the padded batches'. ``batch_size`` still counts conversations
+            (``len(batch)``); ``bucket_by_length`` then only shapes which examples share a batch. Only for stages
+            that read packed batches (SFT, reward model; DPO refuses them).
         skip_bad_rows: skip (and count) rows that fail validation instead of raising.
         num_workers: DataLoader worker processes.
         seed: seed of the validation split and of the batch order.
@@ -283,6 +290,7 @@ class SFTDataModule(ChatDataModule):
         batch_size: int = 8,
         bucket_by_length: bool = True,
         pad_to_multiple_of: int | None = None,
+        packing: bool = False,
         skip_bad_rows: bool = False,
         num_workers: int = 0,
         seed: int = 0,
@@ -301,6 +309,7 @@ class SFTDataModule(ChatDataModule):
         self.batch_size = batch_size
         self.bucket_by_length = bucket_by_length
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.packing = packing
         self.skip_bad_rows = skip_bad_rows
         self.num_workers = num_workers
         self.seed = seed
@@ -388,7 +397,9 @@ class SFTDataModule(ChatDataModule):
     # ------------------------------------------------------------------------------------------ loaders
     def _collate(self) -> Callable:
         return functools.partial(
-            collate_sft, pad_id=self.tokenizer.pad_id, pad_to_multiple_of=self.pad_to_multiple_of
+            collate_sft_packed if self.packing else collate_sft,
+            pad_id=self.tokenizer.pad_id,
+            pad_to_multiple_of=self.pad_to_multiple_of,
         )
 
     def _loader_kwargs(self) -> dict[str, Any]:

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from rlhf_lightning.functional.attention import packed_causal_attention, packed_position_ids
+
 __all__ = ["GPT", "PRESETS", "GPTConfig", "KVCache", "RMSNorm", "create_model"]
 
 
@@ -214,11 +216,18 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         start: int = 0,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
-        """x (B, T, D); cos/sin (B, 1, T, hd); mask (B, 1, T, S) bool or None (= causal) -> (B, T, D)."""
+        """x (B, T, D); cos/sin (B, 1, T, hd); mask (B, 1, T, S) bool or None (= causal) -> (B, T, D).
+
+        ``cu_seqlens`` (D + 1,): x is one packed row (1, N, D) of documents that attend only within themselves."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cu_seqlens is not None:
+            dropout_p = self.attn_dropout if self.training else 0.0
+            y = packed_causal_attention(q, k, v, cu_seqlens, dropout_p=dropout_p)
+            return self.proj(y.transpose(1, 2).reshape(b, t, d))
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
         y = F.scaled_dot_product_attention(
@@ -274,9 +283,10 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         start: int = 0,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """(B, T, D) -> (B, T, D)."""
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, start))
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, start, cu_seqlens))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -364,13 +374,18 @@ class GPT(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """Final-norm hidden states (B, T, D).
 
         input_ids (B, T) long. attention_mask (B, T) bool/int, True on real tokens (None = all real); with a cache it
         may also cover the cached prefix too, (B, S + T) as in Hugging Face, and only its last T columns are read.
         position_ids (B, T) long (default: see module docstring). cache: written in place and advanced by T.
+        cu_seqlens (D + 1,) int: a packed row (B = 1, ``data.collate.pack_sequences``) of documents that attend only
+        within themselves; ``position_ids`` then default to restarting at 0 in each document.
         """
+        if cu_seqlens is not None:
+            return self._packed_hidden_states(input_ids, position_ids, cache, cu_seqlens)
         b, t = input_ids.shape
         device = input_ids.device
         if attention_mask is not None:
@@ -410,12 +425,37 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, mask, cache, i, start)
         return self.norm(x)
 
+    def _packed_hidden_states(
+        self, input_ids: Tensor, position_ids: Tensor | None, cache: KVCache | None, cu_seqlens: Tensor
+    ) -> Tensor:
+        """Hidden states (1, N, D) of a packed row: per-document causal attention, RoPE from ``position_ids``."""
+        if cache is not None or input_ids.shape[0] != 1:
+            raise ValueError("a packed batch (cu_seqlens) is one row (1, N) and takes no KV cache")
+        n = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = packed_position_ids(cu_seqlens.to(input_ids.device), n)[None]
+        longest = int(position_ids.max()) + 1
+        if longest > self.config.max_seq_len:
+            raise ValueError(f"packed document of {longest} tokens > max_seq_len {self.config.max_seq_len}")
+        x = self.drop(self.wte(input_ids))
+        cos, sin = self._rope(position_ids, x.dtype)
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_ckpt:
+                x = checkpoint(block, x, cos, sin, None, None, 0, 0, cu_seqlens, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, None, cu_seqlens=cu_seqlens)
+        return self.norm(x)
+
     def forward(
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T, V) for every position; arguments as in :meth:`hidden_states`."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+        return self.lm_head(
+            self.hidden_states(input_ids, attention_mask, position_ids, cache, cu_seqlens=cu_seqlens)
+        )

@@ -74,9 +74,21 @@ class RewardModel(nn.Module):
         self.register_buffer("score_std", torch.ones(()))
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
-        """input_ids (B, T) long, attention_mask (B, T) bool -> raw scores (B,) (not normalised)."""
+        """input_ids (B, T) long, attention_mask (B, T) bool -> raw scores (B,) (not normalised).
+
+        Packed (``cu_seqlens`` (D + 1,), a (1, N) row of D documents, ``data.collate.pack_sequences``): scores (D,),
+        each document read at its own last token ``cu_seqlens[d + 1] - 1``."""
+        if cu_seqlens is not None:
+            hidden = self.backbone.hidden_states(
+                input_ids, attention_mask, position_ids, cu_seqlens=cu_seqlens
+            )  # (1, N, D)
+            return self.head(hidden[0, cu_seqlens[1:].to(hidden.device).long() - 1])  # (D,)
         hidden = self.backbone.hidden_states(input_ids, attention_mask, position_ids)  # (B, T, D)
         idx = last_token_index(attention_mask)  # (B,)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, D)

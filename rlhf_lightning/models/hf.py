@@ -14,6 +14,15 @@ downloaded; ``trust_remote_code`` only when the user asks) and implements the ba
 
 Position ids default to ``attention_mask.cumsum(-1) - 1`` clamped at 0, as in the built-in GPT (left padding safe).
 
+Packed batches (``hidden_states(..., cu_seqlens=...)``, a (1, N) row of documents, ``data.collate.pack_sequences``)
+go through transformers' own padding-free path: no attention mask, ``position_ids`` restarting at 0 per document. The
+mask builders of ``transformers.masking_utils`` (``create_causal_mask``, used by every modern decoder) detect the
+restarts (``find_packed_sequence_indices``) and build a block-diagonal causal mask for SDPA, eager and flex
+attention; flash-attention reads the same ``position_ids`` (and the ``cu_seq_lens_q/k`` / ``max_length_q/k`` this
+module also passes then) as a varlen batch. A decoder whose modelling code builds its mask without
+``masking_utils``, takes no ``position_ids`` or uses ALiBi raises :class:`PackingUnsupportedError` instead of silently
+letting documents attend to each other.
+
 LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models") goes through ``peft.get_peft_model``:
 only the adapter weights train, and :meth:`HFCausalLM.adapter_disabled` (peft's ``disable_adapter``) gives the base
 model's outputs. A stage that trains a LoRA policy against a frozen reference (PPO) calls :func:`reference_of`: the
@@ -39,6 +48,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
+from rlhf_lightning.functional.attention import PackingUnsupportedError, packed_position_ids
 from rlhf_lightning.models.factory import LoRAArgs, UntrustedCodeError
 
 __all__ = ["AdapterDisabledView", "HFCache", "HFCausalLM", "is_hf_folder", "reference_of"]
@@ -255,12 +265,15 @@ class HFCausalLM(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: HFCache | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """Final-norm hidden states (B, T, D); arguments as in ``models.gpt.GPT.hidden_states``.
 
         With a cache, ``attention_mask`` may be (B, T) or cover the cached prefix too (only its last T columns are
-        read); the cache's own mask supplies the prefix.
+        read); the cache's own mask supplies the prefix. ``cu_seqlens`` (D + 1,): a packed (1, N) row (module notes).
         """
+        if cu_seqlens is not None:
+            return self._packed_hidden_states(input_ids, position_ids, cache, cu_seqlens)
         b, t = input_ids.shape
         device = input_ids.device
         if attention_mask is None:
@@ -283,15 +296,90 @@ class HFCausalLM(nn.Module):
             cache.n_real = cache.n_real + mask.sum(-1)
         return out.last_hidden_state
 
+    def check_packing(self) -> None:
+        """Raise :class:`PackingUnsupportedError` unless this architecture computes per-document attention from
+        packed ``position_ids`` (see the module notes)."""
+        decoder = self.decoder
+        why = _packing_obstacle(decoder, self.hf_model.config)
+        if why is not None:
+            raise PackingUnsupportedError(
+                f"{type(decoder).__name__} ({self.source}): packed batches need per-document attention, but {why}; "
+                "use packing=False for this model"
+            )
+
+    def _packed_hidden_states(
+        self, input_ids: Tensor, position_ids: Tensor | None, cache: HFCache | None, cu_seqlens: Tensor
+    ) -> Tensor:
+        """Hidden states (1, N, D) of a packed row through transformers' padding-free path."""
+        if cache is not None or input_ids.shape[0] != 1:
+            raise ValueError("a packed batch (cu_seqlens) is one row (1, N) and takes no cache")
+        self.check_packing()
+        n = input_ids.shape[1]
+        cu = cu_seqlens.to(input_ids.device)
+        if position_ids is None:
+            position_ids = packed_position_ids(cu, n)[None]
+        kwargs: dict[str, Any] = {}
+        if str(getattr(self.hf_model.config, "_attn_implementation", "")).startswith("flash"):
+            full = (
+                cu if int(cu[-1]) == n else torch.cat([cu, cu.new_tensor([n])])
+            )  # padding: one more document
+            full = full.to(torch.int32)
+            longest = int(full.diff().max())
+            kwargs = dict(cu_seq_lens_q=full, cu_seq_lens_k=full, max_length_q=longest, max_length_k=longest)
+        out = self.decoder(
+            input_ids=input_ids,
+            attention_mask=None,  # padding-free: the mask comes from the position ids' restarts
+            position_ids=position_ids,
+            use_cache=False,
+            **kwargs,
+        )
+        return out.last_hidden_state
+
     def forward(
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: HFCache | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T, V)."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+        return self.lm_head(
+            self.hidden_states(input_ids, attention_mask, position_ids, cache, cu_seqlens=cu_seqlens)
+        )
+
+
+_PACKING_CHECKED: dict[type, str | None] = {}
+
+
+def _packing_obstacle(decoder: nn.Module, config: Any) -> str | None:
+    """Why ``decoder`` cannot run packed rows, or None when its mask comes from ``transformers.masking_utils``
+    (which detects restarting ``position_ids``) and its positions from ``position_ids``."""
+    if any("alibi" in str(key).lower() and value for key, value in config.to_dict().items()):
+        return "it uses ALiBi position biases"
+    cls = type(decoder)
+    if cls not in _PACKING_CHECKED:
+        import inspect
+
+        reason = None
+        if "position_ids" not in inspect.signature(cls.forward).parameters:
+            reason = "its forward takes no position_ids"
+        else:
+            try:
+                source = inspect.getsource(inspect.getmodule(cls))
+            except (OSError, TypeError):
+                source = ""
+            if not any(
+                name in source
+                for name in (
+                    "create_causal_mask(",
+                    "create_sliding_window_causal_mask(",
+                    "create_masks_for_generate(",
+                )
+            ):
+                reason = "its modelling code does not build its mask with transformers.masking_utils"
+        _PACKING_CHECKED[cls] = reason
+    return _PACKING_CHECKED[cls]
 
 
 def _with_adapter(model: PreTrainedModel, lora: LoRAArgs) -> nn.Module:

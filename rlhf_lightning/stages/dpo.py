@@ -33,6 +33,8 @@ Choices and deviations:
   when a batch first shows the pair (train or validation), instead of in a pass before training: the values are the
   same, and no extra pass over a DataLoader (whose sampler state resume relies on) is needed. The cache is not
   checkpointed; a resumed run fills it again. ``cache_ref_logprobs=False`` recomputes them in every step.
+* Packed preference batches (``PreferenceDataModule(packing=True)``) are refused with ``PackingUnsupportedError``
+  before training: the reply masks and the reference-log-prob cache work per padded row.
 * Accuracy counts a tie (equal implicit rewards, e.g. the policy before any update) as wrong, as ``RewardModule``.
 """
 
@@ -50,6 +52,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from rlhf_lightning.distributed import global_weighted_means, refuse_device_mesh, world_size
+from rlhf_lightning.functional.attention import PackingUnsupportedError
 from rlhf_lightning.functional.losses import dpo_loss, ipo_loss
 from rlhf_lightning.models.factory import model_spec
 from rlhf_lightning.models.lm_head import selected_logprobs
@@ -63,6 +66,11 @@ from rlhf_lightning.stages.tokenizer_link import (
     tokenizer_payload,
 )
 from rlhf_lightning.types import PreferenceBatch
+
+_NO_PACKING = (
+    "DPO reads padded preference batches (its reply masks and reference cache work per row); set "
+    "data.packing=false (packed batches serve SFT and the reward model)"
+)
 
 __all__ = ["DPOArgs", "DPOModule", "pair_response_mask", "sequence_logprobs"]
 
@@ -206,6 +214,9 @@ class DPOModule(LightningModule):
         if self.policy is not None:
             return
         refuse_device_mesh(self.device_mesh, "DPO")
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if getattr(datamodule, "packing", False) is True:
+            raise PackingUnsupportedError(_NO_PACKING)
         checkpoint = load_checkpoint(self.policy_from)
         payload = checkpoint[PAYLOAD_KEY]
         state = submodule_state(
@@ -268,6 +279,8 @@ class DPOModule(LightningModule):
 
     def loss(self, batch: PreferenceBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Steps 1-4 of the module docstring: ``(loss, stats)`` of the configured preference loss."""
+        if batch.packed:
+            raise PackingUnsupportedError(_NO_PACKING)
         b = len(batch)
         response_mask = pair_response_mask(batch)  # 1
         policy = sequence_logprobs(  # 2

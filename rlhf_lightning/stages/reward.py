@@ -29,6 +29,9 @@ Choices and fixes:
 * Score statistics are reduced as (count, sum, sum of squares) in float64 across ranks, so ranks with uneven
   validation shards still give the exact mean and the unbiased (n - 1) standard deviation of all scores. They are
   measured on the validation replies; PPO may re-measure them on reference-policy samples.
+* Packed batches (``PreferenceDataModule(packing=True)``): the 2B sequences are documents of one padding-free row
+  (chosen first, then rejected, as the padded rows), each scored at its own last token; same scores, loss and
+  gradients as padded batches.
 
 Sources: Bradley & Terry 1952; Ouyang et al. 2022 (InstructGPT) for the pairwise loss; margin as in Llama 2
 (Touvron et al. 2023).
@@ -171,15 +174,22 @@ class RewardModule(LightningModule):
             self.tokenizer = tokenizer_from_payload(payload)
 
     # -- steps -------------------------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Raw scores (B,) of right- or left-padded sequences."""
-        return self._model()(input_ids, attention_mask)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Raw scores (B,) of right- or left-padded sequences; (D,) of a packed row's documents (``cu_seqlens``)."""
+        return self._model()(input_ids, attention_mask, position_ids, cu_seqlens)
 
     def _pair_step(
         self, batch: PreferenceBatch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Scores (2B,) of one batch and its Bradley-Terry loss and stats."""
-        scores = self(batch.input_ids, batch.attention_mask)  # 1. one forward for chosen and rejected: (2B,)
+        # 1. one forward for chosen and rejected: (2B,) (packed: one document each, in the same order)
+        scores = self(batch.input_ids, batch.attention_mask, batch.position_ids, batch.cu_seqlens)
         chosen, rejected = scores.chunk(2)
         loss, stats = pairwise_loss(chosen, rejected, batch.margin)  # 2. Bradley-Terry loss
         return loss, stats, scores
@@ -209,10 +219,7 @@ class RewardModule(LightningModule):
         for i in torch.topk(gaps, min(self.worst_pairs, B)).indices.tolist():
             if float(gaps[i]) <= floor:
                 break
-            ids = [
-                row[mask].tolist()
-                for row, mask in ((batch.input_ids[j], batch.attention_mask[j]) for j in (i, B + i))
-            ]
+            ids = [_sequence_ids(batch, j) for j in (i, B + i)]
             self._worst.append((float(gaps[i]), float(chosen[i]), float(rejected[i]), ids[0], ids[1]))
         self._worst = sorted(self._worst, key=lambda w: -w[0])[: self.worst_pairs]
 
@@ -290,6 +297,14 @@ class RewardModule(LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         bind_total_steps(scheduler, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _sequence_ids(batch: PreferenceBatch, j: int) -> list[int]:
+    """The real token ids of sequence ``j`` (row ``j``, or document ``j`` of a packed row)."""
+    if batch.cu_seqlens is not None:
+        start, end = int(batch.cu_seqlens[j]), int(batch.cu_seqlens[j + 1])
+        return batch.input_ids[0, start:end].tolist()
+    return batch.input_ids[j][batch.attention_mask[j]].tolist()
 
 
 def reward_model_from_checkpoint(

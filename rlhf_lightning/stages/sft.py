@@ -24,6 +24,11 @@ checkpoint uses the checkpoint's architecture even when the config names another
 Trainer ``init_from`` is not read: the checkpoint being loaded holds the weights. A DataModule ``max_length`` above the
 model's ``max_seq_len`` fails in ``configure_model``, before the first step, rather than in the middle of an epoch.
 
+Packed batches (``SFTDataModule(packing=True)``: the conversations of a batch end to end in one row, no padding) give
+the same loss and gradients as padded ones: the trunk attends within each conversation only
+(``functional.attention``) and the boundary position (the last token of one conversation "predicting" the first of
+the next) never counts.
+
 Deviation: ``train/tokens_per_sec`` counts non-padding tokens over the wall time of one optimisation step (forward,
 backward, optimizer), excluding data loading.
 """
@@ -179,9 +184,14 @@ class SFTModule(LightningModule):
         """Token-mean NLL of the assistant tokens: the trunk runs over the batch, the LM head and log-softmax only over
         the positions that predict an assistant token (equal to ``sft_loss`` on full logits; less work and memory)."""
         target_mask = batch.loss_mask[:, 1:]  # (B, T-1): position t predicts token t+1
-        hidden = self.model.hidden_states(batch.input_ids, batch.attention_mask)[:, :-1][
-            target_mask
-        ]  # (N, D)
+        if batch.packed:  # one row of conversations: never predict across a boundary (a start has position 0)
+            target_mask = target_mask & (batch.position_ids[:, 1:] != 0)
+            hidden = self.model.hidden_states(
+                batch.input_ids, batch.attention_mask, batch.position_ids, cu_seqlens=batch.cu_seqlens
+            )
+        else:
+            hidden = self.model.hidden_states(batch.input_ids, batch.attention_mask)
+        hidden = hidden[:, :-1][target_mask]  # (N, D)
         targets = batch.input_ids[:, 1:][target_mask]  # (N,)
         head = linear_head(self.model) if self.chunked_loss else None
         if head is not None:  # chunked over tokens: never the (N, V) float32 logits (functional.chunked)
