@@ -2,14 +2,18 @@
 
 Prints one JSON object. Both paths run the same left-padded batch (prompt lengths spread around ``--prompt-len``),
 sample with the same seed, and only project the last position to the vocabulary, so the ratio isolates the cache.
-EOS is an id the model can never sample, so every run decodes exactly ``--new-tokens`` steps.
+EOS is an id the model can never sample, so every run decodes exactly ``--new-tokens`` steps. ``--modes`` also times
+the fixed-shape decode loop (``static_cache``) and its compiled step (``compile``; the untimed warm-up call compiles),
+each with ``<mode>_over_cache`` (its tokens/s over the default cached loop's) and ``<mode>_same_tokens``.
 
     python benchmarks/generation.py [--batch 8 --prompt-len 64 --new-tokens 64 --repeats 3]
+        [--modes static_cache compile] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -52,7 +56,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--modes", nargs="*", default=["static_cache", "compile"], choices=["static_cache", "compile"]
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the slow no-cache run")
     a = parser.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     torch.manual_seed(a.seed)
     model = create_model(a.preset, vocab_size=a.vocab_size).to(a.device).eval()
@@ -62,19 +73,26 @@ def main() -> None:
     # eos = vocab_size: never sampled, so every row decodes all new tokens in both runs.
     kw = dict(eos_token_id=a.vocab_size, pad_token_id=0)
 
-    def run(use_cache: bool) -> None:
+    def run(use_cache: bool, mode: str | None = None) -> torch.Tensor:
         g = torch.Generator(device=a.device).manual_seed(a.seed)
-        out = generate(model, ids, mask, args, generator=g, use_cache=use_cache, **kw)
+        gen = args if mode is None else dataclasses.replace(args, **{mode: True})
+        out = generate(model, ids, mask, gen, generator=g, use_cache=use_cache, **kw)
         assert out.response_ids.shape == (a.batch, a.new_tokens)
+        return out.response_ids
 
     results = {}
-    for use_cache in (True, False):
-        run(use_cache)  # warm-up
-        seconds = _time(lambda use_cache=use_cache: run(use_cache), a.repeats)
-        key = "cache" if use_cache else "no_cache"
+    reference = run(True)
+    runs = {"cache": (True, None), **{m: (True, m) for m in a.modes}}
+    if not a.no_baseline:
+        runs["no_cache"] = (False, None)
+    for key, (use_cache, mode) in runs.items():
+        same = torch.equal(run(use_cache, mode), reference)  # warm-up (compilation for "compile")
+        seconds = _time(lambda use_cache=use_cache, mode=mode: run(use_cache, mode), a.repeats)
         results[f"{key}_seconds"] = round(seconds, 4)
         results[f"{key}_tokens_per_s"] = round(a.batch * a.new_tokens / seconds, 1)
-
+        if mode is not None:
+            results[f"{key}_over_cache"] = round(results["cache_seconds"] / seconds, 3)
+            results[f"{key}_same_tokens"] = same
     print(
         json.dumps(
             {
@@ -90,8 +108,14 @@ def main() -> None:
                 "new_tokens": a.new_tokens,
                 "repeats_best_of": a.repeats,
                 **results,
-                "speedup_cache_vs_no_cache": round(
-                    results["cache_tokens_per_s"] / results["no_cache_tokens_per_s"], 2
+                **(
+                    {}
+                    if a.no_baseline
+                    else {
+                        "speedup_cache_vs_no_cache": round(
+                            results["cache_tokens_per_s"] / results["no_cache_tokens_per_s"], 2
+                        )
+                    }
                 ),
             },
             indent=2,

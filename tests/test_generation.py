@@ -212,3 +212,147 @@ def test_right_padded_prompts_are_refused(model: GPT) -> None:
         generate(
             model, ids, mask.flip(1), GenerationArgs(max_new_tokens=2), eos_token_id=EOS, pad_token_id=PAD
         )
+
+
+# ------------------------------------------------------------------------------ fixed-shape (static / compiled) decoding
+
+
+def _tiny_llama(attn: str = "sdpa"):
+    """A random tiny Llama (as tests/hf_folders.py builds: hidden 32, 2 layers, GQA 4/2) behind HFCausalLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_lightning.models.hf import HFCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=PAD,
+    )
+    config._attn_implementation = attn
+    return HFCausalLM(LlamaForCausalLM(config), source="<random>").eval()
+
+
+@pytest.fixture(scope="module", params=["gpt", "llama", "llama-eager"])
+def any_model(request, model: GPT):
+    if request.param == "gpt":
+        return model
+    return _tiny_llama("eager" if request.param == "llama-eager" else "sdpa")
+
+
+def _run(m, ids, mask, args, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    kw = {"eos_token_id": EOS, "pad_token_id": PAD, "output_logprobs": True, **kw}
+    return generate(m, ids, mask, args, generator=g, **kw)
+
+
+def _same(a, b) -> None:
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.response_mask, b.response_mask)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_static_cache_matches_default_and_recomputation(any_model, do_sample: bool) -> None:
+    ids, mask = _prompts([3, 9, 5, 1])  # left-padded, one single-token prompt
+    base = GenerationArgs(max_new_tokens=14, do_sample=do_sample, temperature=0.8)
+    default = _run(any_model, ids, mask, base)
+    recomputed = _run(any_model, ids, mask, base, use_cache=False)
+    static = _run(any_model, ids, mask, GenerationArgs(**{**vars(base), "static_cache": True}))
+    again = _run(
+        any_model, ids, mask, GenerationArgs(**{**vars(base), "static_cache": True})
+    )  # the reused, reset cache
+    _same(static, default)
+    _same(static, recomputed)
+    _same(again, static)
+    full = _full_forward_logprobs(any_model, static, mask, 0.8)
+    torch.testing.assert_close(
+        static.logprobs[static.response_mask], full[static.response_mask], atol=1e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 8])
+def test_static_cache_eos_stopping_and_mask(any_model, check_every: int) -> None:
+    ids, mask = _prompts([4, 7, 2])
+    greedy = GenerationArgs(max_new_tokens=16, do_sample=False)
+    free = _run(any_model, ids, mask, greedy, eos_token_id=V + 1)  # nothing stops
+    # EOS := tokens that rows 0 and 1 produce early: every row stops at its first occurrence, some never do
+    for eos in {int(free.response_ids[0, 2]), int(free.response_ids[1, 5])}:
+        default = _run(any_model, ids, mask, greedy, eos_token_id=eos)
+        args = GenerationArgs(max_new_tokens=16, do_sample=False, static_cache=True, check_every=check_every)
+        static = _run(any_model, ids, mask, args, eos_token_id=eos)
+        _same(static, default)
+        for row, resp in zip(static.response_mask, static.response_ids, strict=True):
+            n = int(row.sum())
+            assert row[:n].all() and not row[n:].any()  # a prefix up to and including the first EOS
+            hit = (resp == eos).nonzero()
+            assert n == (int(hit[0]) + 1 if len(hit) else static.response_ids.shape[1])
+            assert (resp[n:] == PAD).all()
+
+
+def test_static_cache_all_rows_stop_before_check() -> None:
+    """A one-row batch whose EOS is its first greedy token: R = 1 although the finished check only runs after
+    ``check_every`` steps (the extra steps are cut off)."""
+    torch.manual_seed(0)
+    m = create_model("tiny", vocab_size=V).eval()
+    ids, mask = _prompts([5])
+    first = _run(m, ids, mask, GenerationArgs(max_new_tokens=1, do_sample=False), eos_token_id=V + 1)
+    eos = int(first.response_ids[0, 0])
+    out = _run(
+        m, ids, mask, GenerationArgs(max_new_tokens=12, do_sample=False, static_cache=True), eos_token_id=eos
+    )
+    assert out.response_ids.tolist() == [[eos]] and out.response_mask.tolist() == [[True]]
+
+
+def test_static_cache_bfloat16_and_two_shapes() -> None:
+    torch.manual_seed(0)
+    m = create_model("tiny", vocab_size=V).to(torch.bfloat16).eval()
+    for lengths, n in (([3, 6], 4), ([2, 2, 8], 70)):  # the second needs a longer (and wider) cache
+        ids, mask = _prompts(lengths)
+        a = _run(m, ids, mask, GenerationArgs(n, do_sample=False))
+        b = _run(m, ids, mask, GenerationArgs(n, do_sample=False, static_cache=True))
+        assert torch.equal(a.sequences, b.sequences)
+        assert b.logprobs.dtype == torch.float32 and torch.isfinite(b.logprobs).all()
+
+
+def test_check_every_validation() -> None:
+    with pytest.raises(ValueError, match="check_every"):
+        GenerationArgs(4, check_every=0)
+    assert GenerationArgs(4, compile=True).fast_decode and not GenerationArgs(4).fast_decode
+
+
+def test_compile_failure_warns_and_falls_back(model: GPT, monkeypatch) -> None:
+    import rlhf_lightning.models.generation as generation
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(generation, "_COMPILED_STEP", broken)
+    ids, mask = _prompts([4, 6])
+    args = GenerationArgs(max_new_tokens=6)
+    expected = _run(model, ids, mask, args, seed=5)
+    try:
+        with pytest.warns(RuntimeWarning, match="no compiler here"):
+            got = _run(model, ids, mask, GenerationArgs(max_new_tokens=6, compile=True), seed=5)
+        _same(got, expected)  # the generator's state was restored before the eager rerun
+        assert model in generation._COMPILE_FAILED
+    finally:
+        generation._COMPILE_FAILED.discard(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["gpt", "llama"])
+def test_compiled_decode_matches_default(model: GPT, which: str) -> None:
+    """torch.compile of the decode step (about a minute of inductor compilation on 2 CPU cores)."""
+    m = model if which == "gpt" else _tiny_llama()
+    ids, mask = _prompts([3, 9, 5])
+    for do_sample in (False, True):
+        base = GenerationArgs(max_new_tokens=12, do_sample=do_sample)
+        with torch._dynamo.config.patch(error_on_recompile=False):
+            fast = _run(m, ids, mask, GenerationArgs(**{**vars(base), "compile": True}), seed=2)
+        _same(fast, _run(m, ids, mask, base, seed=2))
+        assert m not in __import__("rlhf_lightning.models.generation").models.generation._COMPILE_FAILED

@@ -139,10 +139,23 @@ class KVCache:
     Per layer ``k``/``v`` are (B, H, L, hd) with L = ``max_len``. ``length`` is the write pointer (slots filled so
     far, the same for every row); ``key_mask`` (B, L) bool is True on filled slots that hold real tokens; ``n_real``
     (B,) long counts the real tokens per row (the next token's position id).
+
+    A ``static`` cache also keeps the write pointer as a 0-d long tensor ``pos`` for :meth:`GPT.decode_step`, which
+    advances ``pos`` (not the Python int ``length``, so a compiled step never sees a changing constant): fill it with
+    one :meth:`GPT.hidden_states` prefill, then decode with ``decode_step`` only. :meth:`reset` empties it for reuse.
     """
 
     def __init__(
-        self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int, *, device, dtype
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        head_dim: int,
+        max_len: int,
+        *,
+        device,
+        dtype,
+        static: bool = False,
     ) -> None:
         shape = (batch_size, n_head, max_len, head_dim)
         self.k: list[Tensor] = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
@@ -152,6 +165,16 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
         self.batch_size = batch_size
+        self.static = static
+        self.pos = torch.zeros((), dtype=torch.long, device=device) if static else None  # () next slot
+
+    def reset(self) -> None:
+        """Empty the cache in place (same buffers, so a compiled decode step keeps its graph)."""
+        for t in (*self.k, *self.v, self.key_mask, self.n_real):
+            t.zero_()
+        self.length = 0
+        if self.pos is not None:
+            self.pos.zero_()
 
     def append(self, mask: Tensor) -> int:
         """Reserve slots for T new tokens with key mask ``mask`` (B, T) bool; return their first slot."""
@@ -161,10 +184,19 @@ class KVCache:
         self.key_mask[:, start : start + t] = mask
         self.n_real += mask.sum(-1)
         self.length = start + t
+        if self.pos is not None:
+            self.pos.fill_(self.length)
         return start
 
-    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write ``k``/``v`` (B, H, T, hd) at ``start`` for ``layer``; return all keys/values so far (B, H, S, hd)."""
+    def update(self, layer: int, start: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k``/``v`` (B, H, T, hd) at ``start`` for ``layer``; return all keys/values so far (B, H, S, hd).
+
+        ``start`` a (T,) long tensor of slots (static decoding): written in place with ``index_copy_`` and the whole
+        (B, H, L, hd) buffers are returned (the caller's key mask hides the slots not written yet)."""
+        if isinstance(start, Tensor):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
@@ -346,8 +378,10 @@ class GPT(nn.Module):
         max_len: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        static: bool = False,
     ) -> KVCache:
-        """An empty :class:`KVCache` for ``batch_size`` rows of up to ``max_len`` tokens (default: model device/dtype)."""
+        """An empty :class:`KVCache` for ``batch_size`` rows of up to ``max_len`` tokens (default: model device/dtype);
+        ``static`` for :meth:`decode_step`."""
         if max_len > self.config.max_seq_len:
             raise ValueError(f"cache max_len {max_len} > model max_seq_len {self.config.max_seq_len}")
         p = self.wte.weight
@@ -360,7 +394,30 @@ class GPT(nn.Module):
             max_len,
             device=device or p.device,
             dtype=dtype or p.dtype,
+            static=static,
         )
+
+    def decode_step(self, input_ids: Tensor, cache: KVCache) -> Tensor:
+        """Final-norm hidden state (B, D) of one new real token per row, input_ids (B, 1), with a ``static`` cache
+        already filled by a :meth:`hidden_states` prefill.
+
+        Every shape is fixed from step to step: the token's slot is the tensor ``cache.pos``, keys/values are
+        written in place, and attention runs over all L slots under the cache's key mask (slots not written yet are
+        False; the newest slot is the last one filled, so causality needs nothing more). So ``torch.compile``
+        captures the step once (and can replay it as a CUDA graph). The same numbers as :meth:`hidden_states` with a
+        cache, up to float rounding. Advances ``cache.pos`` and ``cache.n_real``.
+        """
+        slot = cache.pos.view(1)  # (1,)
+        cache.key_mask.index_fill_(1, slot, True)
+        position_ids = cache.n_real[:, None]  # (B, 1): each row's count of real tokens so far
+        mask = cache.key_mask[:, None, None, :]  # (B, 1, 1, L)
+        x = self.wte(input_ids)
+        cos, sin = self._rope(position_ids, x.dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache, i, slot)
+        cache.n_real.add_(1)
+        cache.pos.add_(1)
+        return self.norm(x)[:, -1]
 
     def _rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """position_ids (B, T) -> cos, sin (B, 1, T, hd) in ``dtype`` (angles computed in float32)."""

@@ -39,6 +39,7 @@ added by ``tokenization_hf``) resizes the embeddings before LoRA is applied, and
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -46,12 +47,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel, StaticCache
 
 from rlhf_lightning.functional.attention import PackingUnsupportedError, packed_position_ids
 from rlhf_lightning.models.factory import LoRAArgs, UntrustedCodeError
 
-__all__ = ["AdapterDisabledView", "HFCache", "HFCausalLM", "is_hf_folder", "reference_of"]
+__all__ = ["AdapterDisabledView", "HFCache", "HFCausalLM", "HFStaticCache", "is_hf_folder", "reference_of"]
 
 
 def is_hf_folder(path: str | Path | None) -> bool:
@@ -75,6 +76,32 @@ class HFCache:
     @property
     def length(self) -> int:
         return self.mask.shape[1]
+
+
+class HFStaticCache:
+    """A transformers ``StaticCache`` of ``max_len`` slots and the (B, L) bool ``key_mask`` of the slots written so
+    far that hold real tokens, for :meth:`HFCausalLM.decode_step` (fixed shapes: compilable).
+
+    ``n_real`` (B,) long counts real tokens per row (the next position id); ``pos`` () long is the next slot (the
+    same for every row, as the ``StaticCache``'s own write pointer); ``length`` is the Python-int pointer after the
+    prefill (decode steps advance ``pos`` only). :meth:`reset` empties it in place for reuse.
+    """
+
+    def __init__(self, config: Any, batch_size: int, max_len: int, device: torch.device) -> None:
+        self.inner = StaticCache(config=config, max_cache_len=max_len)
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.n_real = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.length = 0
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.static = True
+
+    def reset(self) -> None:
+        self.inner.reset()
+        for t in (self.key_mask, self.n_real, self.pos):
+            t.zero_()
+        self.length = 0
 
 
 class HFCausalLM(nn.Module):
@@ -254,17 +281,92 @@ class HFCausalLM(nn.Module):
         max_len: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> HFCache:
-        """An empty :class:`HFCache` (``max_len`` is advisory: the dynamic cache grows as needed)."""
-        device = device or self.lm_head.weight.device
-        return HFCache(batch_size, max_len, torch.device(device))
+        static: bool = False,
+    ) -> HFCache | HFStaticCache:
+        """An empty :class:`HFCache` (``max_len`` is advisory: the dynamic cache grows as needed), or with ``static``
+        an :class:`HFStaticCache` of exactly ``max_len`` slots for :meth:`decode_step`."""
+        device = torch.device(device or self.lm_head.weight.device)
+        if static:
+            return HFStaticCache(self.hf_model.config, batch_size, max_len, device)
+        return HFCache(batch_size, max_len, device)
+
+    @property
+    def _cache_kwarg(self) -> str:
+        """The decoder's keyword for the KV cache: ``cache`` from transformers 5.25, ``past_key_values`` before."""
+        name = self.__dict__.get("_cache_kwarg_name")
+        if name is None:
+            params = inspect.signature(self.decoder.forward).parameters
+            name = "cache" if "cache" in params else "past_key_values"
+            self.__dict__["_cache_kwarg_name"] = name
+        return name
+
+    def _static_mask(self, cache: HFStaticCache, q_slot: Tensor, dtype: torch.dtype) -> Tensor:
+        """The attention mask of queries at slots ``q_slot`` (T,) over every slot of ``cache``: (B, 1, T, L) for
+        SDPA (bool, True = attend) and eager (additive float), else the (B, L) key mask for transformers to expand.
+
+        Key j is allowed for the query at slot i if j <= i and it holds a real token, or j == i (a pad query then
+        attends to itself instead of nothing, which would give NaN), as in ``models.gpt``.
+        """
+        impl = getattr(self.hf_model.config, "_attn_implementation", None)
+        if impl not in ("sdpa", "eager"):
+            return cache.key_mask
+        k_slot = torch.arange(cache.max_len, device=q_slot.device)[None, :]  # (1, L)
+        q = q_slot[:, None]  # (T, 1)
+        allowed = ((k_slot <= q) & cache.key_mask[:, None, None, :]) | (k_slot == q)  # (B, 1, T, L)
+        if impl == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+            ~allowed, torch.finfo(dtype).min
+        )
+
+    def _static_forward(
+        self, input_ids: Tensor, mask: Tensor, position_ids: Tensor | None, cache: HFStaticCache
+    ):
+        """Prefill T tokens (mask (B, T) bool) into the static cache at ``cache.length``: hidden states (B, T, D)."""
+        start, t = cache.length, input_ids.shape[1]
+        if start + t > cache.max_len:
+            raise ValueError(f"KV cache overflow: {start} + {t} tokens > max_len {cache.max_len}")
+        cache.key_mask[:, start : start + t] = mask
+        if position_ids is None:
+            position_ids = (cache.n_real[:, None] + mask.long().cumsum(-1) - 1).clamp_(min=0)
+        dtype = self.lm_head.weight.dtype
+        attn = self._static_mask(cache, torch.arange(start, start + t, device=input_ids.device), dtype)
+        out = self.decoder(
+            input_ids=input_ids,
+            attention_mask=attn,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self._cache_kwarg: cache.inner},
+        )
+        cache.n_real += mask.sum(-1)
+        cache.length = start + t
+        cache.pos.fill_(cache.length)
+        return out.last_hidden_state
+
+    def decode_step(self, input_ids: Tensor, cache: HFStaticCache) -> Tensor:
+        """Final-norm hidden state (B, D) of one new real token per row, input_ids (B, 1), with a static cache filled
+        by a :meth:`hidden_states` prefill; every shape is fixed (attention over all L slots under the precomputed
+        key mask, the slot a tensor), so ``torch.compile`` captures it once. Advances ``cache.pos``/``n_real``."""
+        slot = cache.pos.view(1)
+        cache.key_mask.index_fill_(1, slot, True)
+        attn = self._static_mask(cache, slot, self.lm_head.weight.dtype)
+        out = self.decoder(
+            input_ids=input_ids,
+            attention_mask=attn,
+            position_ids=cache.n_real[:, None],
+            use_cache=True,
+            **{self._cache_kwarg: cache.inner},
+        )
+        cache.n_real.add_(1)
+        cache.pos.add_(1)
+        return out.last_hidden_state[:, -1]
 
     def hidden_states(
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        cache: HFCache | None = None,
+        cache: HFCache | HFStaticCache | None = None,
         cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """Final-norm hidden states (B, T, D); arguments as in ``models.gpt.GPT.hidden_states``.
@@ -280,16 +382,19 @@ class HFCausalLM(nn.Module):
             mask = torch.ones(b, t, dtype=torch.bool, device=device)
         else:
             mask = attention_mask[:, -t:].bool()
+        if isinstance(cache, HFStaticCache):
+            return self._static_forward(input_ids, mask, position_ids, cache)
         full = mask if cache is None else torch.cat([cache.mask, mask], dim=1)  # (B, S + T)
         if position_ids is None:
             before = 0 if cache is None else cache.n_real[:, None]
             position_ids = (before + mask.long().cumsum(-1) - 1).clamp_(min=0)
+        kwargs = {} if cache is None else {self._cache_kwarg: cache.inner}
         out = self.decoder(
             input_ids=input_ids,
             attention_mask=full.long(),
             position_ids=position_ids,
-            past_key_values=None if cache is None else cache.inner,
             use_cache=cache is not None,
+            **kwargs,
         )
         if cache is not None:
             cache.mask = full
@@ -447,8 +552,12 @@ class AdapterDisabledView:
     def training(self) -> bool:
         return False  # frozen: eval()/train() leave the policy's own mode alone
 
-    def new_cache(self, *args: Any, **kwargs: Any) -> HFCache:
+    def new_cache(self, *args: Any, **kwargs: Any) -> HFCache | HFStaticCache:
         return self.policy.new_cache(*args, **kwargs)
+
+    def decode_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        with self.policy.adapter_disabled():
+            return self.policy.decode_step(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         with self.policy.adapter_disabled():
