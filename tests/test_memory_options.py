@@ -164,3 +164,20 @@ def test_sft_memory_benchmark_worker_runs_one_row(capsys) -> None:
         "chunked_bf16",
         "chunked_fp32_ckpt",
     }
+
+
+def test_gradient_checkpointing_setting_applies_to_an_init_from_backbone(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import rlhf_lightning.stages.sft as sft
+    from rlhf_lightning.models.factory import ModelArgs
+
+    loaded = create_model("tiny", vocab_size=V, n_embd=32, n_head=2)
+    assert not loaded.gradient_checkpointing  # as a checkpoint rebuilds it
+    monkeypatch.setattr(sft, "load_backbone", lambda *a, **k: (loaded, None, None))
+    monkeypatch.setattr(sft, "resolve_tokenizer", lambda *a: None)
+    monkeypatch.setattr(sft, "reconcile_tokenizers", lambda *a: None)
+    module = SFTModule(model=ModelArgs(preset="tiny", gradient_checkpointing=True), init_from="sft.ckpt")
+    module._trainer = SimpleNamespace(datamodule=None)
+    module.configure_model()
+    assert module.model is loaded and loaded.gradient_checkpointing
