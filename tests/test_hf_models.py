@@ -170,3 +170,26 @@ def test_gradient_checkpointing_option(folder):
     ids = torch.tensor([tok.render(CONV)[0]])
     model(ids).sum().backward()
     assert all(p.grad is not None for p in model.decoder.parameters() if p.requires_grad)
+
+
+def test_reference_view_head_runs_without_the_adapter_when_lora_adapts_the_lm_head(folder):
+    """``target_modules`` may name ``lm_head``: the reference view's head must then be the base head too, or the
+    rollout's reference log-probs (``reference.lm_head(reference.hidden_states(...))``) carry the policy's adapter."""
+    from rlhf_lightning.models.hf import reference_of
+
+    tok = _tok(folder)
+    lora_args = LoRAArgs(r=4, target_modules=["q_proj", "v_proj", "lm_head"])
+    lora = build_model(ModelArgs(hf_path=str(folder), lora=lora_args), tok.vocab_size).eval()
+    reference = reference_of(lora)
+    with torch.no_grad():  # the fresh adapter (head included) trains a little
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    ids = torch.tensor([tok.render(CONV)[0]])
+    with torch.no_grad():
+        via_view = reference.lm_head(reference.hidden_states(ids))
+        with lora.adapter_disabled():
+            base = lora.lm_head(lora.hidden_states(ids))
+        adapted_head = lora.lm_head(reference.hidden_states(ids))
+    assert not torch.allclose(adapted_head, base, atol=1e-3)  # the head's adapter does change the logits
+    torch.testing.assert_close(via_view, base)

@@ -527,6 +527,25 @@ def reference_of(policy: HFCausalLM) -> AdapterDisabledView:
     return AdapterDisabledView(policy)
 
 
+class _AdapterDisabledHead(nn.Module):
+    """``policy.lm_head`` called inside ``policy.adapter_disabled()``; ``weight`` is the head's (base) weight.
+
+    Not a plain ``nn.Linear``, so the chunked LM-head path (``models.lm_head``) falls back to calling it."""
+
+    def __init__(self, policy: HFCausalLM) -> None:
+        super().__init__()
+        object.__setattr__(self, "_policy", policy)  # not a submodule: registers no parameters twice
+
+    @property
+    def weight(self) -> Tensor:
+        head = self._policy.lm_head
+        return getattr(head, "base_layer", head).weight
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        with self._policy.adapter_disabled():
+            return self._policy.lm_head(hidden)
+
+
 class AdapterDisabledView:
     """A LoRA policy with its adapter switched off (no second copy); build references with :func:`reference_of`.
 
@@ -546,7 +565,10 @@ class AdapterDisabledView:
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.policy.lm_head
+        """The policy's head run with the adapter off (LoRA may adapt ``lm_head`` itself: ``target_modules``)."""
+        head = self.policy.lm_head
+        # an unadapted head is the base head already: keep it (a plain Linear keeps the chunked LM-head path)
+        return _AdapterDisabledHead(self.policy) if hasattr(head, "base_layer") else head
 
     @property
     def training(self) -> bool:
