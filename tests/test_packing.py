@@ -130,18 +130,24 @@ def test_document_ids_positions_and_mask():
     assert torch.equal(mask, expected)
 
 
-@pytest.mark.parametrize("impl", ["loop", "mask", "auto"])
+@pytest.mark.parametrize("impl", ["loop", "pad", "mask", "auto"])
 def test_packed_attention_equals_causal_attention_per_document(impl):
     torch.manual_seed(0)
     lengths = [3, 1, 6, 4]
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
     n = int(cu[-1]) + 2  # two padding columns
-    q, k, v = (torch.randn(1, 2, n, 8) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, n, 8, requires_grad=True) for _ in range(3))
     out = packed_causal_attention(q, k, v, cu, impl=impl)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     bounds = [*cu.tolist(), n]
-    for a, b in itertools.pairwise(bounds):
-        ref = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True)
-        torch.testing.assert_close(out[:, :, a:b], ref)
+    refs = [
+        F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True)
+        for a, b in itertools.pairwise(bounds)
+    ]
+    torch.testing.assert_close(out, torch.cat(refs, dim=2))
+    ref_grads = torch.autograd.grad(sum(r.square().sum() for r in refs), (q, k, v))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
 
 
 # ------------------------------------------------------------------------------------------------ backbones
@@ -383,3 +389,21 @@ def test_cli_parses_data_packing(config, capsys):
 def test_readme_mentions_packing():
     text = (REPO / "README.md").read_text(encoding="utf-8")
     assert "packing=True" in text or "packing: true" in text
+
+
+def test_auto_attention_falls_back_to_the_loop_when_varlen_fails(monkeypatch):
+    from rlhf_lightning.functional import attention
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(attention, "_VARLEN_FAILED", False)
+    monkeypatch.setattr(attention, "_varlen_available", lambda q, p: not attention._VARLEN_FAILED)
+    monkeypatch.setattr(attention, "_varlen", broken)
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    q, k, v = (torch.randn(1, 2, 7, 4) for _ in range(3))
+    with pytest.warns(UserWarning, match="no kernel"):
+        out = packed_causal_attention(q, k, v, cu)
+    torch.testing.assert_close(out, packed_causal_attention(q, k, v, cu, impl="mask"))
+    assert attention._VARLEN_FAILED  # tried once, not again
