@@ -7,7 +7,15 @@ and reward-model forwards plus GAE), ``training`` (the PPO epochs over minibatch
 emits EOS, so nearly every response runs to ``--new-tokens``: the upper bound of an iteration's cost. Prints one JSON
 object; the first ``--warmup`` iterations are left out of the means.
 
+``--llama`` uses the tiny random Llama folder of ``benchmarks/vs_trl.py``'s ``ppo`` row instead of a built-in preset
+(``--hidden``/``--layers``/``--heads``, the BPE vocabulary of ``--vocab``) with that row's settings (raw reward-model
+score, missing-EOS score -1, no gradient clipping). ``--profile`` runs the measured iterations under
+``torch.profiler`` and adds ``profile_ms_per_iteration``: the milliseconds per iteration inside each phase label the
+stage sets (``rollout/*``: generation, each no-grad forward, scoring; ``ppo/*``: the minibatch forwards, backwards
+and optimizer steps), each label's total including what it calls.
+
     python benchmarks/ppo_iteration.py [--preset small --batch 16 --new-tokens 48 --epochs 4 --minibatch 8]
+        [--llama] [--profile] [--share-value-trunk] [--micro-batch-tokens N] [--precision bf16-mixed]
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,12 +46,35 @@ REPO = Path(__file__).resolve().parents[1]
 KEYS = ("time/generation", "time/scoring", "time/training", "time/iteration", "time/generated_tokens_per_sec")
 
 
+PHASE_PREFIXES = ("rollout/", "ppo/")  # the record_function labels of stages/rollout.py and stages/ppo.py
+
+
 class _Timings(Callback):
-    def __init__(self) -> None:
+    def __init__(self, warmup: int = 0, profile: bool = False) -> None:
         self.rows: list[dict[str, float]] = []
+        self.warmup, self.profile = warmup, profile
+        self.profiler = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.profile and batch_idx == self.warmup:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.__enter__()
         self._start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+
+    def phases(self, iterations: int) -> dict[str, float]:
+        """Milliseconds per iteration inside each stage label (totals include what each label calls)."""
+        if self.profiler is None:
+            return {}
+        totals = {
+            e.key: e.cpu_time_total / 1000 / iterations
+            for e in self.profiler.key_averages()
+            if e.key.startswith(PHASE_PREFIXES)
+        }
+        return {key: round(ms, 1) for key, ms in sorted(totals.items(), key=lambda kv: -kv[1])}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         metrics = trainer.callback_metrics
@@ -72,6 +104,15 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3, help="measured iterations")
     parser.add_argument("--warmup", type=int, default=1, help="iterations run first and left out")
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--llama", action="store_true", help="the tiny random Llama of vs_trl.py's ppo row")
+    parser.add_argument("--hidden", type=int, default=256, help="--llama: hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="--llama: layers")
+    parser.add_argument("--heads", type=int, default=4, help="--llama: attention heads")
+    parser.add_argument("--share-value-trunk", action="store_true")
+    parser.add_argument("--micro-batch-size", type=int, default=None)
+    parser.add_argument("--micro-batch-tokens", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="phase breakdown from torch.profiler")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -81,33 +122,62 @@ def main() -> None:
         tokenizer = load_or_train_tokenizer(
             root / "tokenizer.json", [REPO / "data" / "hh_rlhf" / "sft_train.jsonl"], vocab_size=args.vocab
         )
-        model = ModelArgs(preset=args.preset, dropout=0.0)
-        sft = SFTModule(model=model, tokenizer_path=tokenizer.source)
+        tokenizer_path = tokenizer.source
+        if args.llama:
+            sys.path.insert(0, str(REPO / "benchmarks"))
+            import vs_trl
+
+            folder_args = argparse.Namespace(
+                vocab_size=args.vocab,
+                hidden=args.hidden,
+                layers=args.layers,
+                heads=args.heads,
+                max_length=args.max_prompt_len + args.new_tokens,
+                seed=0,
+            )
+            folder = vs_trl.make_llama_folder(root / "llama", folder_args)
+            model, tokenizer_path = ModelArgs(hf_path=str(folder), dropout=0.0), str(folder)
+        else:
+            model = ModelArgs(preset=args.preset, dropout=0.0)
+        sft = SFTModule(model=model, tokenizer_path=tokenizer_path)
         sft.configure_model()
-        reward = RewardModule(model=model, tokenizer_path=tokenizer.source)
+        reward = RewardModule(model=model, tokenizer_path=tokenizer_path)
         reward.configure_model()
         sft_path, reward_path = _save(sft, root / "sft.ckpt"), _save(reward, root / "reward.ckpt")
         setup_s = time.perf_counter() - started
 
+        ppo_args = dict(
+            iterations=args.warmup + args.iterations,
+            epochs=args.epochs,
+            minibatch_size=args.minibatch,
+            micro_batch_size=args.micro_batch_size,
+        )
+        if args.micro_batch_tokens is not None:
+            ppo_args["micro_batch_tokens"] = args.micro_batch_tokens
+        rewards = RewardArgs()
+        if args.llama:  # vs_trl.py's ppo row: raw score, a reply without EOS scores -1, no gradient clipping
+            ppo_args["max_grad_norm"] = None
+            rewards = RewardArgs(normalize=False, clip=None, missing_eos_score=-1.0)
         module = PPOModule(
             policy_from=sft_path,
             reward_from=reward_path,
-            ppo=PPOArgs(
-                iterations=args.warmup + args.iterations, epochs=args.epochs, minibatch_size=args.minibatch
-            ),
-            rewards=RewardArgs(),
+            tokenizer_path=tokenizer_path if args.llama else None,
+            ppo=PPOArgs(**ppo_args),
+            rewards=rewards,
             generation=GenerationArgs(max_new_tokens=args.new_tokens),
+            share_value_trunk=args.share_value_trunk,
             sample_every_n=0,
         )
         data = PromptDataModule(
             train_path=str(REPO / "data" / "hh_rlhf" / "prompts_train.jsonl"),
-            tokenizer_path=tokenizer.source,
+            tokenizer_path=tokenizer_path,
             batch_size=args.batch,
             max_prompt_length=args.max_prompt_len,
         )
-        timings = _Timings()
+        timings = _Timings(args.warmup, args.profile)
         trainer = L.Trainer(
             accelerator=args.accelerator,
+            precision=args.precision,
             devices=1,
             max_steps=args.warmup + args.iterations,
             limit_val_batches=0,
@@ -158,7 +228,13 @@ def main() -> None:
         ],
         "wall_seconds_per_iteration": mean("wall"),
         "setup_seconds": round(setup_s, 2),
+        "model": "llama" if args.llama else args.preset,
+        "precision": args.precision,
+        "share_value_trunk": args.share_value_trunk,
+        "micro_batch_tokens": args.micro_batch_tokens,
     }
+    if args.profile:
+        result["profile_ms_per_iteration"] = timings.phases(len(measured))
     print(json.dumps(result, indent=2))
 
 

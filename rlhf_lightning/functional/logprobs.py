@@ -22,6 +22,7 @@ from torch import Tensor
 __all__ = [
     "TruncatedResponse",
     "entropy_from_logits",
+    "logprobs_and_entropy_from_logits",
     "logprobs_from_logits",
     "response_logprobs",
     "sequence_lengths_to_mask",
@@ -107,6 +108,45 @@ def entropy_from_logits(
         return lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
 
     return _blockwise(logits, block_entropy, block_elements)
+
+
+def logprobs_and_entropy_from_logits(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float = 1.0,
+    *,
+    entropy_grad: bool = False,
+    block_elements: int = _BLOCK_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """:func:`logprobs_from_logits` and :func:`entropy_from_logits` in one pass over the logits.
+
+    Shapes: ``logits`` (B, T, V), ``labels`` (B, T) long. Returns ``(logprobs, entropy)``, each (B, T) float32. Each
+    block is upcast and scaled once and its ``logsumexp`` serves both: ``logp = z[label] - lse`` and ``H = lse -
+    sum_v exp(z_v - lse) * z_v``. ``entropy_grad=False`` (an entropy that is only logged) computes the entropy
+    without autograd: it is detached and costs the backward pass nothing; ``True`` keeps its graph (entropy bonus).
+    Source: as :func:`logprobs_from_logits` and :func:`entropy_from_logits`.
+    """
+    _check_temperature(temperature)
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits (B, T, V) and labels (B, T), got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    entropies: list[Tensor] = []
+
+    def block_logprobs(block: Tensor, rows: slice, cols: slice) -> Tensor:
+        z = _scaled(block, temperature)
+        lse = torch.logsumexp(z, dim=-1)
+        picked = z.gather(-1, labels[rows, cols].unsqueeze(-1)).squeeze(-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            zz, ll = (z, lse) if entropy_grad else (z.detach(), lse.detach())
+            entropies.append(ll - (torch.exp(zz - ll.unsqueeze(-1)) * zz).sum(dim=-1))
+        return picked - lse
+
+    # _blockwise visits blocks row-major and stitches them in the same order: replay that order for the entropies
+    logprobs = _blockwise(logits, block_logprobs, block_elements)
+    calls = iter(entropies)
+    entropy = _blockwise(logits, lambda block, rows, cols: next(calls), block_elements)
+    return logprobs, entropy
 
 
 def response_logprobs(logits: Tensor, sequences: Tensor, prompt_len: int, temperature: float = 1.0) -> Tensor:

@@ -15,6 +15,17 @@ value head on the policy trunk with ``share_value_trunk``). Dropout is switched 
 first minibatch of an iteration sees ratio == 1 exactly (``stages/ppo_models.py`` loads them). Sampling seeds differ
 per data-parallel rank (:func:`rank_seed`); evaluation never moves the running reward statistics.
 
+Cost of an iteration (DESIGN.md "never compute what you can keep"): the rollout runs each network once over the
+batch without gradients (policy and reference log-probs, critic values, reward-model scores) and nothing is
+recomputed afterwards; a value head on the policy's trunk (``share_value_trunk``) gets its values from the policy's
+forward. Each micro-batch of the update runs one trunk forward per trained network (one for both heads when the
+trunk is shared; without autograd while only the critic trains), over the columns where its rows have real tokens
+(``rollout.trimmed_rows``), with the LM head at the response positions only and log-probs and entropy taken in one
+pass over those logits. ``micro_batch_tokens`` / ``forward_batch_tokens`` group rows of similar length so that
+micro-batches hold about the same number of padded tokens (``functional/microbatch.py``). Under bf16-mixed the frozen
+reward model is stored in bf16; the reference keeps the policy's dtype (KL 0 at the first iteration,
+``stages/ppo_models.py``).
+
 Several data-parallel ranks (DESIGN.md "every statistic that normalises or steers is global"): advantage whitening,
 the running reward moments, the KL controller's input, the reward calibration and the logged means are reduced over
 ranks (``rlhf_lightning/distributed.py``), so every rank keeps the same beta; every rank's generator state is in the
@@ -52,6 +63,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
+from torch.profiler import record_function
 
 from rlhf_lightning.distributed import (
     all_reduce_sum,
@@ -64,7 +76,7 @@ from rlhf_lightning.distributed import (
     world_size,
 )
 from rlhf_lightning.functional.kl import AdaptiveKLController, FixedKLController, kl_k1
-from rlhf_lightning.functional.logprobs import entropy_from_logits, logprobs_from_logits
+from rlhf_lightning.functional.logprobs import logprobs_and_entropy_from_logits
 from rlhf_lightning.functional.losses import ppo_policy_loss, ppo_value_loss, sft_loss
 from rlhf_lightning.functional.masked import masked_mean
 from rlhf_lightning.guards import check_finite
@@ -86,9 +98,16 @@ from rlhf_lightning.stages.online import (
     shuffled_minibatches,
 )
 from rlhf_lightning.stages.ppo_metrics import SAMPLE_COLUMNS, iteration_metrics, sample_rows, sequence_kl
-from rlhf_lightning.stages.ppo_models import load_networks
+from rlhf_lightning.stages.ppo_models import cast_frozen_for_precision, load_networks
 from rlhf_lightning.stages.rewards import RewardArgs, SequenceScorer, load_reward_function
-from rlhf_lightning.stages.rollout import make_rollout, policy_logits, response_values
+from rlhf_lightning.stages.rollout import (
+    make_rollout,
+    response_hidden,
+    response_values,
+    row_groups,
+    shares_trunk,
+    trimmed_rows,
+)
 from rlhf_lightning.stages.sample_tables import log_table
 from rlhf_lightning.stages.score_calibration import (
     CalibrationChunk,
@@ -109,7 +128,14 @@ class PPOArgs:
         epochs: passes over each rollout batch.
         minibatch_size: rollout rows per optimizer step.
         micro_batch_size: rows per forward/backward (gradient accumulation when < minibatch_size; None = minibatch).
+        micro_batch_tokens: padded tokens per forward/backward instead: each minibatch's rows are sorted by length
+            and grouped so that rows x (longest prompt + longest response) of a micro-batch stays within this
+            (a longer row alone), at most ``micro_batch_size`` rows each when that is set too; None = off. The
+            micro-batch losses are weighted by their share of the minibatch's response tokens, so the gradient is
+            the unsplit minibatch's whatever the split.
         forward_batch_size: rows per no-grad forward during the rollout (None = the whole batch).
+        forward_batch_tokens: padded tokens per no-grad forward during the rollout (rows of similar length grouped
+            as for ``micro_batch_tokens``, at most ``forward_batch_size`` rows each when that is set); None = off.
         clip_eps: policy ratio clipping epsilon.
         value_clip_eps: value clipping range around the rollout values.
         vf_coef: weight of the value loss.
@@ -129,7 +155,9 @@ class PPOArgs:
     epochs: int = 4
     minibatch_size: int = 8
     micro_batch_size: int | None = None
+    micro_batch_tokens: int | None = None
     forward_batch_size: int | None = None
+    forward_batch_tokens: int | None = None
     clip_eps: float = 0.2
     value_clip_eps: float = 0.2
     vf_coef: float = 0.1
@@ -151,7 +179,9 @@ class PPOArgs:
             "minibatch_size": self.minibatch_size >= 1,
             "micro_batch_size": self.micro_batch_size is None
             or 1 <= self.micro_batch_size <= self.minibatch_size,
+            "micro_batch_tokens": self.micro_batch_tokens is None or self.micro_batch_tokens >= 1,
             "forward_batch_size": self.forward_batch_size is None or self.forward_batch_size >= 1,
+            "forward_batch_tokens": self.forward_batch_tokens is None or self.forward_batch_tokens >= 1,
             "clip_eps": self.clip_eps > 0,
             "value_clip_eps": self.value_clip_eps > 0,
             "vf_coef": self.vf_coef >= 0,
@@ -267,6 +297,9 @@ class PPOModule(LightningModule):
         )
         self.policy, self.reference, self.tokenizer = nets.policy, nets.reference, nets.tokenizer
         self.reward_model, self.value_model = nets.reward_model, nets.value_model
+        # the frozen reward model in bf16 under bf16-mixed (stages/ppo_models.py)
+        trainer = getattr(self, "_trainer", None)
+        cast_frozen_for_precision(self.reward_model, trainer.precision if trainer is not None else None)
         self.scorer = SequenceScorer(
             self.rewards, self.reward_model, reward_tokenizer=nets.reward_tokenizer, reduce=all_reduce_sum
         )
@@ -441,6 +474,7 @@ class PPOModule(LightningModule):
             forward_batch_size=self.ppo.forward_batch_size,
             generator=generator,
             update_running_stats=update_running_stats,
+            forward_batch_tokens=self.ppo.forward_batch_tokens,
         )
 
     def _ptx_batch(self, batch: PromptBatch) -> SFTBatch | None:
@@ -466,49 +500,83 @@ class PPOModule(LightningModule):
             value_opt.zero_grad(set_to_none=True)
             # every rank's tokens of this minibatch: with average_gradients the step is their token mean
             scale = token_mean_scale(rollout.response_mask[rows].sum())
-            for m in range(0, len(rows), micro):
-                part = rows[m : m + micro]
-                loss, stats = self._losses(rollout, part, update_policy)
+            for part in self._micro_batches(rollout, rows, micro):
+                with record_function("ppo/forward"):
+                    loss, stats = self._losses(rollout, part, update_policy)
                 # losses are token means: weight each micro-batch by its share of the minibatch's tokens (on
                 # every rank), so the accumulated gradient equals the full minibatch's
-                self._backward(loss * rollout.response_mask[part].sum() * scale)
+                with record_function("ppo/backward"):
+                    self._backward(loss * rollout.response_mask[part].sum() * scale)
                 for key, value in stats.items():
                     history.setdefault(key, []).append(value)
             if ptx is not None and update_policy:
-                history.setdefault("ptx_loss", []).append(self._ptx_backward(ptx, micro))
-            grad_norms = self._clip_and_step(policy_opt, value_opt, update_policy)
+                with record_function("ppo/ptx"):
+                    history.setdefault("ptx_loss", []).append(self._ptx_backward(ptx, micro))
+            with record_function("ppo/optimizer_step"):
+                grad_norms = self._clip_and_step(policy_opt, value_opt, update_policy)
             for key, value in grad_norms.items():
                 history.setdefault(key, []).append(value)
         self.policy.eval(), self.value_model.eval()
         return {key: torch.stack(values).mean() for key, values in history.items()}
 
+    def _micro_batches(self, rollout: Rollout, rows: torch.Tensor, micro: int) -> list[torch.Tensor]:
+        """The minibatch ``rows`` split for accumulation: by padded tokens (``micro_batch_tokens``, similar lengths
+        together) or into chunks of ``micro`` rows."""
+        if self.ppo.micro_batch_tokens is None:
+            return list(rows.split(micro))
+        groups = row_groups(
+            rollout.query_mask[rows],
+            rollout.response_mask[rows],
+            self.ppo.micro_batch_size,
+            self.ppo.micro_batch_tokens,
+        )
+        return [rows[group] for group in groups]
+
     def _losses(
         self, rollout: Rollout, rows: torch.Tensor, update_policy: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        sequences, mask = rollout.sequences[rows], rollout.sequence_mask[rows]
-        response_mask = rollout.response_mask[rows]
-        P = rollout.query_ids.shape[1]
-        values = response_values(self.value_model, sequences, mask, P)
+        """PPO losses of the rollout's ``rows``, over the columns where one of them has a real token: one trunk
+        forward per network (one in all when the value head shares the policy's trunk); the policy's logits, at the
+        response positions only, give the log-probs and the entropy in one pass."""
+        sequences, mask, P, R = trimmed_rows(
+            rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask, rows
+        )
+        response_mask = rollout.response_mask[rows, :R]
+        old = {
+            name: getattr(rollout, name)[rows, :R] for name in ("values", "returns", "logprobs", "advantages")
+        }
+        logits = None
+        if shares_trunk(self.value_model, self.policy):
+            # one trunk forward for both heads; while only the critic trains, the trunk gets no gradient (only the
+            # head's optimizer steps), so it runs without autograd
+            with torch.set_grad_enabled(update_policy and torch.is_grad_enabled()):
+                hidden = response_hidden(self.policy, sequences, mask, P)
+            values = self.value_model.head(hidden).float()
+            if update_policy:
+                logits = self.policy.lm_head(hidden)
+        else:
+            values = response_values(self.value_model, sequences, mask, P)
+            if update_policy:
+                logits = self.policy.lm_head(response_hidden(self.policy, sequences, mask, P))
         value_loss, stats = ppo_value_loss(
-            values, rollout.values[rows], rollout.returns[rows], response_mask, self.ppo.value_clip_eps
+            values, old["values"], old["returns"], response_mask, self.ppo.value_clip_eps
         )
         loss = self.ppo.vf_coef * value_loss
-        if update_policy:
-            logits = policy_logits(self.policy, sequences, mask, P)
-            logp = logprobs_from_logits(logits, sequences[:, P:], self.generation.temperature)
+        if logits is not None:
+            logp, token_entropy = logprobs_and_entropy_from_logits(
+                logits,
+                sequences[:, P:],
+                self.generation.temperature,
+                entropy_grad=bool(self.ppo.entropy_coef),
+            )
             policy_loss, policy_stats = ppo_policy_loss(
-                logp, rollout.logprobs[rows], rollout.advantages[rows], response_mask, self.ppo.clip_eps
+                logp, old["logprobs"], old["advantages"], response_mask, self.ppo.clip_eps
             )
-            entropy = masked_mean(
-                entropy_from_logits(logits.detach(), self.generation.temperature), response_mask
-            )
+            entropy = masked_mean(token_entropy, response_mask)
             loss = loss + policy_loss
             if self.ppo.entropy_coef:
-                live_entropy = masked_mean(
-                    entropy_from_logits(logits, self.generation.temperature), response_mask
-                )
-                loss = loss - self.ppo.entropy_coef * live_entropy
-            stats = {**stats, **policy_stats, "entropy": entropy}
+                loss = loss - self.ppo.entropy_coef * entropy
+            stats = {**stats, **policy_stats, "entropy": entropy.detach()}
         return loss, stats
 
     def _ptx_backward(self, ptx: SFTBatch, micro: int) -> torch.Tensor:

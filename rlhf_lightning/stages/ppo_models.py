@@ -19,6 +19,19 @@ Dropout: every dropout rate in the stored architecture (``dropout``, ``attn_drop
 network is built, and any ``nn.Dropout`` or attention dropout rate left in the built network is zeroed too, so the
 first minibatch of each PPO iteration sees ratio == 1 exactly even in train mode (PPO checklist, "Dropout off in
 policy, reference, value and reward models"). Split out of ``stages/ppo.py`` to keep that file about the algorithm.
+
+Frozen networks (:func:`freeze`): eval mode, ``requires_grad`` False, never in an optimizer (``PPOModule`` gives its
+optimizers the policy's and the critic's parameters only) and left out of PPO checkpoints (rebuilt from
+``policy_from`` / ``reward_from``). Under ``bf16-mixed`` precision (:func:`cast_frozen_for_precision`):
+
+- the reward model's backbone is stored in bfloat16 (half the memory; its matmuls run in bf16 under autocast
+  anyway), while its scalar head and score statistics stay float32 so a score is not rounded to bf16's three
+  significant digits;
+- the reference deliberately stays in the policy's dtype (float32). Autocast runs the policy's matmuls in bf16 but
+  keeps its embeddings, residual stream and norms in float32; a bf16 reference would round those too, so its
+  log-probs of the very same weights would differ from the policy's and KL would not be 0 at the first iteration
+  (``tests/test_ppo_frozen.py`` checks KL == 0 at step 0 under bf16 autocast). A LoRA reference is the policy
+  itself with the adapter off and has no weights of its own to cast.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from rlhf_lightning.models.factory import model_from_spec
@@ -92,6 +106,14 @@ def policy_and_reference(
     reference = freeze(_backbone(spec, trust_remote_code))
     reference.load_state_dict(state)
     return policy, reference
+
+
+def cast_frozen_for_precision(reward_model: nn.Module | None, precision: str | None) -> None:
+    """Under ``bf16-mixed`` store the frozen reward model's backbone in bfloat16, its head and score statistics
+    left in float32 (see the module docstring; the reference keeps the policy's dtype). Other precisions: no-op."""
+    if reward_model is None or str(precision) != "bf16-mixed":
+        return
+    reward_model.backbone.to(torch.bfloat16)
 
 
 @dataclass
@@ -176,6 +198,7 @@ def load_networks(
 
 __all__ = [
     "PPONetworks",
+    "cast_frozen_for_precision",
     "disable_dropout",
     "freeze",
     "load_networks",

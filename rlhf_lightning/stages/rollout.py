@@ -6,11 +6,19 @@ Steps 1-3 are :func:`sample_and_score`, shared with the critic-free GRPO/RLOO st
 Steps (Huang et al. 2024, arXiv 2403.17031, and ``../shared/PPO_CHECKLIST.md``):
     1. sample responses with the KV cache at the training temperature (left-padded prompts, checked; stop at EOS),
     2. one batched forward each for policy log-probs, reference log-probs and values over prompt + response,
-       dividing logits by the same temperature as sampling,
+       dividing logits by the same temperature as sampling (a value head on the policy's trunk gets its values from
+       the policy's forward: one trunk forward gives both),
     3. score the truncated responses (reward model at the last real token, reward functions on decoded text),
     4. per-token reward ``-beta * k1`` plus the shaped score at the last response token,
     5. GAE over response tokens (gamma, lambda), returns = advantages + values, advantages whitened over valid tokens
        (of every data-parallel rank: the whitening moments are global, ``rlhf_lightning.distributed``).
+
+Each no-grad forward of step 2 runs over groups of rows (``forward_batch_size`` rows, or rows of similar length
+grouped up to ``forward_batch_tokens`` padded tokens) cut to the columns where one of the group's rows has a real
+token (``functional/microbatch.py``); positions a group does not cover are 0 in the rollout's (B, R) tensors (padding,
+never read). Policy and reference see the same groups, so their log-probs of identical networks are identical (KL 0).
+Everything runs under ``torch.no_grad`` (not ``inference_mode``: the update reuses the rollout's tensors as inputs of
+autograd graphs, which inference tensors cannot be).
 """
 
 from __future__ import annotations
@@ -21,12 +29,14 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from rlhf_lightning.distributed import global_masked_moments
 from rlhf_lightning.functional.advantages import gae
 from rlhf_lightning.functional.kl import kl_penalized_rewards
 from rlhf_lightning.functional.logprobs import logprobs_from_logits
 from rlhf_lightning.functional.masked import masked_whiten
+from rlhf_lightning.functional.microbatch import token_budget_groups, trimmed_span
 from rlhf_lightning.models.generation import GenerationArgs, check_left_padded, generate
 from rlhf_lightning.stages.rewards import SequenceScorer
 from rlhf_lightning.stages.sampling import ended_with_eos, response_texts
@@ -42,10 +52,34 @@ class RolloutTimings:
     generated_tokens: int
 
 
+def response_hidden(model: torch.nn.Module, sequences: Tensor, mask: Tensor, prompt_len: int) -> Tensor:
+    """Hidden states (B, R, D) at the positions that predict the response tokens (one trunk forward)."""
+    with record_function("trunk_forward"):
+        return model.hidden_states(sequences, mask)[:, prompt_len - 1 : -1]
+
+
 def policy_logits(policy: torch.nn.Module, sequences: Tensor, mask: Tensor, prompt_len: int) -> Tensor:
     """Logits (B, R, V) that predict the response tokens, projecting only response positions through the LM head."""
-    hidden = policy.hidden_states(sequences, mask)  # (B, T, D)
-    return policy.lm_head(hidden[:, prompt_len - 1 : -1])
+    return policy.lm_head(response_hidden(policy, sequences, mask, prompt_len))
+
+
+def shares_trunk(value_model: torch.nn.Module | None, policy: torch.nn.Module) -> bool:
+    """The critic is a value head on ``policy`` itself (``share_value_trunk``): one trunk forward serves both."""
+    return value_model is not None and getattr(value_model, "backbone", None) is policy
+
+
+def response_logprobs_and_values(
+    policy: torch.nn.Module,
+    value_head: torch.nn.Module,
+    sequences: Tensor,
+    mask: Tensor,
+    prompt_len: int,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """Log-probs and values (B, R) each from one trunk forward of ``policy`` (a value head on the policy's trunk)."""
+    hidden = response_hidden(policy, sequences, mask, prompt_len)
+    logprobs = logprobs_from_logits(policy.lm_head(hidden), sequences[:, prompt_len:], temperature)
+    return logprobs, value_head(hidden).float()
 
 
 def response_logprobs_of(
@@ -86,9 +120,53 @@ def rewards_and_advantages(
     return rewards, advantages, returns
 
 
-def _chunked(fn: Callable[[slice], Tensor], batch: int, chunk: int | None) -> Tensor:
-    chunk = chunk or batch
-    return torch.cat([fn(slice(i, i + chunk)) for i in range(0, batch, chunk)])
+def row_groups(
+    query_mask: Tensor, response_mask: Tensor, rows: int | None = None, tokens: int | None = None
+) -> list[Tensor]:
+    """Row indices of each forward over a (B, P) + (B, R) batch: groups of similar length holding at most ``tokens``
+    padded tokens (and at most ``rows`` rows) when ``tokens`` is set, else consecutive chunks of ``rows`` rows
+    (None = all rows at once)."""
+    B = query_mask.shape[0]
+    if tokens is not None:
+        return token_budget_groups(query_mask.sum(1), response_mask.sum(1), tokens, max_rows=rows)
+    size = rows or B
+    return [torch.arange(i, min(i + size, B), device=query_mask.device) for i in range(0, B, size)]
+
+
+def trimmed_rows(
+    query: Tensor, query_mask: Tensor, response: Tensor, response_mask: Tensor, rows: Tensor
+) -> tuple[Tensor, Tensor, int, int]:
+    """``(sequences, mask, prompt_len, response_len)`` of ``rows``, cut to the columns where one of them has a real
+    token (:func:`~rlhf_lightning.functional.microbatch.trimmed_span`): sequences and mask (n, P' + R') with
+    ``prompt_len`` = P' and ``response_len`` = R'."""
+    q_mask, r_mask = query_mask[rows], response_mask[rows]
+    p0, r = trimmed_span(q_mask, r_mask)
+    sequences = torch.cat([query[rows, p0:], response[rows, :r]], dim=1)
+    mask = torch.cat([q_mask[:, p0:], r_mask[:, :r]], dim=1)
+    return sequences, mask, query.shape[1] - p0, r
+
+
+def grouped_forward(
+    fn: Callable[[Tensor, Tensor, int], Tensor | tuple[Tensor, ...]],
+    query: Tensor,
+    query_mask: Tensor,
+    response: Tensor,
+    response_mask: Tensor,
+    groups: list[Tensor],
+) -> tuple[Tensor, ...]:
+    """``fn(sequences, mask, prompt_len) -> (n, R')`` tensor(s) over each group of rows (trimmed, see
+    :func:`trimmed_rows`), put back in place in (B, R) float32 tensors that are 0 where no group reached."""
+    B, R = response.shape
+    outs: list[Tensor] | None = None
+    for rows in groups:
+        sequences, mask, P, r = trimmed_rows(query, query_mask, response, response_mask, rows)
+        parts = fn(sequences, mask, P)
+        parts = parts if isinstance(parts, tuple) else (parts,)
+        if outs is None:
+            outs = [torch.zeros(B, R, dtype=torch.float32, device=response.device) for _ in parts]
+        for out, part in zip(outs, parts):
+            out[rows, :r] = part.float()
+    return tuple(outs)
 
 
 @torch.no_grad()
@@ -103,12 +181,16 @@ def sample_and_score(
     forward_batch_size: int | None = None,
     generator: torch.Generator | None = None,
     update_running_stats: bool = True,
+    forward_batch_tokens: int | None = None,
+    value_head: torch.nn.Module | None = None,
 ) -> tuple[Rollout, RolloutTimings]:
     """Steps 1-3 (sample, policy and reference log-probs, shaped scores), shared by PPO and GRPO/RLOO.
 
     The returned rollout's ``values``, ``rewards``, ``advantages`` and ``returns`` are zeros (B, R): the caller's
-    algorithm fills them. ``update_running_stats=False`` (evaluation) shapes scores with the running statistics
-    without updating them.
+    algorithm fills them, except ``values`` when ``value_head`` (a value head on the policy's trunk) is given: then
+    the policy's forward gives log-probs and values at once. ``update_running_stats=False`` (evaluation) shapes
+    scores with the running statistics without updating them. ``forward_batch_size`` / ``forward_batch_tokens``:
+    rows / padded tokens per no-grad forward (:func:`row_groups`).
     """
     check_left_padded(
         batch.attention_mask,
@@ -116,37 +198,49 @@ def sample_and_score(
         "; a DataModule of your own must pad prompts on the left (see data/collate.collate_prompts)",
     )
     started = time.perf_counter()
-    out = generate(  # 1. sample with the KV cache; tokens after the first EOS are pad, mask False
-        policy,
-        batch.input_ids,
-        batch.attention_mask,
-        generation,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
-        generator=generator,
-    )
+    with record_function("rollout/generate"):
+        out = generate(  # 1. sample with the KV cache; tokens after the first EOS are pad, mask False
+            policy,
+            batch.input_ids,
+            batch.attention_mask,
+            generation,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.pad_id,
+            generator=generator,
+        )
     generated = time.perf_counter()
     query, query_mask = batch.input_ids, batch.attention_mask
     response, response_mask = out.response_ids, out.response_mask
     sequences = torch.cat([query, response], dim=1)
     mask = torch.cat([query_mask, response_mask], dim=1)
-    P, B = query.shape[1], query.shape[0]
+    B = query.shape[0]
     temperature = generation.temperature
 
-    def rows(fn):
-        return _chunked(lambda s: fn(sequences[s], mask[s]), B, forward_batch_size)
+    groups = row_groups(query_mask, response_mask, forward_batch_size, forward_batch_tokens)
 
-    # 2. one batched forward per model
-    logprobs = rows(lambda s, m: response_logprobs_of(policy, s, m, P, temperature))
-    ref_logprobs = rows(lambda s, m: response_logprobs_of(reference, s, m, P, temperature))
+    def per_group(fn):
+        return grouped_forward(fn, query, query_mask, response, response_mask, groups)
+
+    # 2. one batched forward per model (the policy's also gives the values of a value head on its trunk)
+    with record_function("rollout/policy_forward"):
+        if value_head is None:
+            (logprobs,) = per_group(lambda s, m, p: response_logprobs_of(policy, s, m, p, temperature))
+            values = torch.zeros_like(logprobs)
+        else:
+            logprobs, values = per_group(
+                lambda s, m, p: response_logprobs_and_values(policy, value_head, s, m, p, temperature)
+            )
+    with record_function("rollout/reference_forward"):
+        (ref_logprobs,) = per_group(lambda s, m, p: response_logprobs_of(reference, s, m, p, temperature))
 
     # 3. score what a user would see
     ended = ended_with_eos(response, response_mask, tokenizer.eos_id)
     texts = response_texts(tokenizer, response, response_mask)
     prompts = [row.get("prompt", []) for row in batch.rows] if batch.rows else [[] for _ in range(B)]
     extra_rows = list(batch.rows) if batch.rows else [{} for _ in range(B)]
-    raw_scores = scorer.raw_scores(sequences, mask, prompts, texts, extra_rows, forward_batch_size)
-    scores = scorer.shape(raw_scores, ended, update_running=update_running_stats)
+    with record_function("rollout/score"):
+        raw_scores = scorer.raw_scores(sequences, mask, prompts, texts, extra_rows, forward_batch_size)
+        scores = scorer.shape(raw_scores, ended, update_running=update_running_stats)
     scored = time.perf_counter()
 
     zeros = torch.zeros_like(logprobs)
@@ -157,7 +251,7 @@ def sample_and_score(
         response_mask=response_mask,
         logprobs=logprobs,
         ref_logprobs=ref_logprobs,
-        values=zeros,
+        values=values,
         scores=scores,
         raw_scores=raw_scores,
         rewards=zeros,
@@ -190,11 +284,14 @@ def make_rollout(
     forward_batch_size: int | None = None,
     generator: torch.Generator | None = None,
     update_running_stats: bool = True,
+    forward_batch_tokens: int | None = None,
 ) -> tuple[Rollout, RolloutTimings]:
     """Sample responses to ``batch`` and compute everything a PPO update needs (see the module docstring).
 
     ``update_running_stats=False`` (evaluation) shapes scores with the running statistics without updating them.
+    A ``value_model`` on the policy's own trunk (:func:`shares_trunk`) takes its values from the policy's forward.
     """
+    shared = shares_trunk(value_model, policy)
     rollout, timings = sample_and_score(  # steps 1-3
         policy=policy,
         reference=reference,
@@ -205,12 +302,24 @@ def make_rollout(
         forward_batch_size=forward_batch_size,
         generator=generator,
         update_running_stats=update_running_stats,
+        forward_batch_tokens=forward_batch_tokens,
+        value_head=value_model.head if shared else None,
     )
     started = time.perf_counter()
-    sequences, mask, P = rollout.sequences, rollout.sequence_mask, rollout.query_ids.shape[1]
-    values = _chunked(
-        lambda s: response_values(value_model, sequences[s], mask[s], P), len(rollout), forward_batch_size
-    )
+    values = rollout.values
+    if not shared:
+        with record_function("rollout/value_forward"):
+            groups = row_groups(
+                rollout.query_mask, rollout.response_mask, forward_batch_size, forward_batch_tokens
+            )
+            (values,) = grouped_forward(
+                lambda s, m, p: response_values(value_model, s, m, p),
+                rollout.query_ids,
+                rollout.query_mask,
+                rollout.response_ids,
+                rollout.response_mask,
+                groups,
+            )
     # 4. KL-penalised per-token rewards, 5. GAE and whitening over valid tokens only
     rewards, advantages, returns = rewards_and_advantages(
         rollout.scores,
