@@ -175,11 +175,14 @@ def _hf(folder: Path):
     return model
 
 
-@pytest.fixture(params=["gpt", "llama", "gpt2"])
+@pytest.fixture(params=["gpt", "llama", "gpt2", "llama-eager"])
 def backbone(request, hf_folders):
     if request.param == "gpt":
         return _gpt()
-    return _hf(hf_folders[request.param])
+    model = _hf(hf_folders[request.param.split("-")[0]])
+    if request.param.endswith("eager"):  # transformers' own packed path: a block mask from the position ids
+        model.hf_model.set_attn_implementation("eager")
+    return model
 
 
 def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -245,6 +248,45 @@ def test_documents_never_attend_across_boundaries(backbone):
     torch.testing.assert_close(a[7:], b[7:])  # the later document sees nothing of the earlier ones
     assert not torch.allclose(a[4:7], b[4:7])
     torch.testing.assert_close(a[7:], alone)  # and its positions restart at 0
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_hf_sdpa_model_after_packing_still_runs_padded_batches_and_checkpointing(hf_folders, checkpointing):
+    """The switch to the packed attention function is for good: padded batches keep sdpa's results, and gradient
+    checkpointing recomputes per-document attention in backward (same gradients as padded)."""
+    model = _hf(hf_folders["llama"])
+    model.gradient_checkpointing = checkpointing
+    examples = _examples(n=3)
+    padded = collate_sft(examples, pad_id=0)
+    before = model.hidden_states(padded.input_ids, padded.attention_mask).detach()
+    grads = []
+    for batch in (collate_sft_packed(examples, pad_id=0), padded):
+        module = SFTModule()
+        module.model = model
+        model.zero_grad()
+        module.loss(batch)[0].backward()
+        grads.append(_grads(model))
+    assert model.hf_model.config._attn_implementation == "rlhf_packed"
+    torch.testing.assert_close(model.hidden_states(padded.input_ids, padded.attention_mask).detach(), before)
+    _assert_same_grads(*grads)
+
+
+def test_hf_sdpa_packed_rows_use_the_per_document_attention(hf_folders, monkeypatch):
+    """Packed rows of an sdpa model run functional.attention (no (N, N) mask), once per layer."""
+    from rlhf_lightning.models import hf
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[3])
+        return packed_causal_attention(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "packed_causal_attention", counting)
+    model = _hf(hf_folders["llama"])
+    ids, mask, pos, cu = pack_sequences([[3, 4, 5], [6, 7]], pad_id=0, pad_to_multiple_of=8)
+    model.hidden_states(ids, mask, pos, cu_seqlens=cu)
+    assert len(calls) == model.hf_model.config.num_hidden_layers
+    assert calls[0].tolist() == [0, 3, 5, 8]  # the padding columns are one more document
 
 
 def test_gpt_default_position_ids_restart_per_document():

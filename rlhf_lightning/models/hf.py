@@ -15,13 +15,21 @@ downloaded; ``trust_remote_code`` only when the user asks) and implements the ba
 Position ids default to ``attention_mask.cumsum(-1) - 1`` clamped at 0, as in the built-in GPT (left padding safe).
 
 Packed batches (``hidden_states(..., cu_seqlens=...)``, a (1, N) row of documents, ``data.collate.pack_sequences``)
-go through transformers' own padding-free path: no attention mask, ``position_ids`` restarting at 0 per document. The
-mask builders of ``transformers.masking_utils`` (``create_causal_mask``, used by every modern decoder) detect the
-restarts (``find_packed_sequence_indices``) and build a block-diagonal causal mask for SDPA, eager and flex
-attention; flash-attention reads the same ``position_ids`` (and the ``cu_seq_lens_q/k`` / ``max_length_q/k`` this
-module also passes then) as a varlen batch. A decoder whose modelling code builds its mask without
-``masking_utils``, takes no ``position_ids`` or uses ALiBi raises :class:`PackingUnsupportedError` instead of silently
-letting documents attend to each other.
+run with no attention mask and ``position_ids`` restarting at 0 per document (so RoPE or learned positions are each
+document's own). Attention, by the model's ``attn_implementation``:
+
+* ``sdpa``: at the first packed batch the model switches, for good, to ``rlhf_packed``, registered through
+  ``transformers.AttentionInterface``: given the ``cu_seq_lens_q`` this module passes down (packed rows) it runs
+  ``functional.attention.packed_causal_attention`` (per-document causal SDPA, no (N, N) mask; flash varlen on GPU);
+  otherwise (padded batches, generation) it is exactly ``sdpa``, with ``sdpa``'s mask function. For good, not per
+  call, so gradient checkpointing recomputes the same attention in backward.
+* ``eager``, ``flex_attention``, ``flash_attention_*``: transformers' own padding-free paths (a block-diagonal mask
+  from the restarting ``position_ids``, ``masking_utils.find_packed_sequence_indices``; flash varlen from
+  ``cu_seq_lens_q/k``, ``max_length_q/k``, passed too).
+
+:class:`PackingUnsupportedError`, instead of documents silently attending to each other, for a decoder whose
+modelling code builds its mask without ``masking_utils`` or takes no ``position_ids``, for ALiBi and for another
+attention implementation.
 
 LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models") goes through ``peft.get_peft_model``:
 only the adapter weights train, and :meth:`HFCausalLM.adapter_disabled` (peft's ``disable_adapter``) gives the base
@@ -49,7 +57,11 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel, StaticCache
 
-from rlhf_lightning.functional.attention import PackingUnsupportedError, packed_position_ids
+from rlhf_lightning.functional.attention import (
+    PackingUnsupportedError,
+    packed_causal_attention,
+    packed_position_ids,
+)
 from rlhf_lightning.models.factory import LoRAArgs, UntrustedCodeError
 
 __all__ = ["AdapterDisabledView", "HFCache", "HFCausalLM", "HFStaticCache", "is_hf_folder", "reference_of"]
@@ -423,17 +435,28 @@ class HFCausalLM(nn.Module):
         cu = cu_seqlens.to(input_ids.device)
         if position_ids is None:
             position_ids = packed_position_ids(cu, n)[None]
-        kwargs: dict[str, Any] = {}
-        if str(getattr(self.hf_model.config, "_attn_implementation", "")).startswith("flash"):
-            full = (
-                cu if int(cu[-1]) == n else torch.cat([cu, cu.new_tensor([n])])
-            )  # padding: one more document
-            full = full.to(torch.int32)
-            longest = int(full.diff().max())
-            kwargs = dict(cu_seq_lens_q=full, cu_seq_lens_k=full, max_length_q=longest, max_length_k=longest)
+        config = self.hf_model.config
+        implementation = str(getattr(config, "_attn_implementation", None) or "eager")
+        full = cu if int(cu[-1]) == n else torch.cat([cu, cu.new_tensor([n])])  # padding: one more document
+        full = full.to(torch.int32)
+        longest = int(full.diff().max())
+        kwargs: dict[str, Any] = dict(
+            cu_seq_lens_q=full, cu_seq_lens_k=full, max_length_q=longest, max_length_k=longest
+        )
+        if implementation == "sdpa":
+            _use_packed_attention(config)
+        elif implementation not in (
+            "eager",
+            "flex_attention",
+            PACKED_ATTENTION,
+        ) and not implementation.startswith("flash_attention"):
+            raise PackingUnsupportedError(
+                f"{self.source}: attn_implementation={implementation!r} has no packed (padding-free) path here; "
+                "expected sdpa, eager, flex_attention or flash_attention_*, or use packing=False"
+            )
         out = self.decoder(
             input_ids=input_ids,
-            attention_mask=None,  # padding-free: the mask comes from the position ids' restarts
+            attention_mask=None,  # padding-free: documents from cu_seq_lens / the position ids' restarts
             position_ids=position_ids,
             use_cache=False,
             **kwargs,
@@ -455,6 +478,49 @@ class HFCausalLM(nn.Module):
 
 
 _PACKING_CHECKED: dict[type, str | None] = {}
+PACKED_ATTENTION = "rlhf_packed"
+
+
+def _packed_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """A transformers attention function (``AttentionInterface``): query (B, H, T, hd), key/value (B, H_kv, S, hd)
+    -> ((B, T, H, hd), None). Packed rows (``kwargs['cu_seq_lens_q']``): causal within each document, the mask
+    unread; anything else: transformers' ``sdpa``."""
+    cu = kwargs.get("cu_seq_lens_q")
+    window = kwargs.get("sliding_window")
+    too_long = window is not None and int(kwargs.get("max_length_q") or 0) > int(window)
+    if cu is None or too_long or kwargs.get("softcap") is not None or query.shape[2] != key.shape[2]:
+        # padded batches, generation, or what the per-document loop does not cover: sdpa with transformers' mask
+        # (which is block-diagonal for packed rows: masking_utils reads the restarting position ids)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: share each key/value head with its group of query heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    out = packed_causal_attention(query, key, value, cu, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _use_packed_attention(config: Any) -> None:
+    """Switch an ``sdpa`` model to ``rlhf_packed`` (``sdpa`` plus the packed path; see the module notes)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, _packed_attention_forward)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    config._attn_implementation = PACKED_ATTENTION
 
 
 def _packing_obstacle(decoder: nn.Module, config: Any) -> str | None:
