@@ -263,12 +263,8 @@ def test_static_cache_matches_default_and_recomputation(any_model, do_sample: bo
     default = _run(any_model, ids, mask, base)
     recomputed = _run(any_model, ids, mask, base, use_cache=False)
     static = _run(any_model, ids, mask, GenerationArgs(**{**vars(base), "static_cache": True}))
-    again = _run(
-        any_model, ids, mask, GenerationArgs(**{**vars(base), "static_cache": True})
-    )  # the reused, reset cache
     _same(static, default)
     _same(static, recomputed)
-    _same(again, static)
     full = _full_forward_logprobs(any_model, static, mask, 0.8)
     torch.testing.assert_close(
         static.logprobs[static.response_mask], full[static.response_mask], atol=1e-5, rtol=0
@@ -356,3 +352,21 @@ def test_compiled_decode_matches_default(model: GPT, which: str) -> None:
             fast = _run(m, ids, mask, GenerationArgs(**{**vars(base), "compile": True}), seed=2)
         _same(fast, _run(m, ids, mask, base, seed=2))
         assert m not in __import__("rlhf_lightning.models.generation").models.generation._COMPILE_FAILED
+
+
+def test_static_cache_on_a_lora_reference_view() -> None:
+    """PPO's reference of a LoRA policy (adapter switched off, no copy) decodes through the view's ``decode_step``:
+    the same tokens as the default loop, and as the merged policy itself (its fresh adapter is zero)."""
+    pytest.importorskip("peft")
+    from rlhf_lightning.models.factory import LoRAArgs
+    from rlhf_lightning.models.hf import HFCausalLM, reference_of
+
+    base = _tiny_llama()
+    policy = HFCausalLM(base.hf_model, source="<random>", lora=LoRAArgs(r=2)).eval()
+    ref = reference_of(policy)
+    ids, mask = _prompts([3, 6])
+    args = GenerationArgs(max_new_tokens=6, do_sample=False)
+    default = _run(ref, ids, mask, args)
+    static = _run(ref, ids, mask, GenerationArgs(6, do_sample=False, static_cache=True))
+    _same(static, default)
+    _same(_run(policy, ids, mask, GenerationArgs(6, do_sample=False, static_cache=True)), default)

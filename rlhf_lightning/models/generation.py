@@ -26,7 +26,7 @@ Fast decoding (:attr:`GenerationArgs.static_cache`, :attr:`GenerationArgs.compil
 dynamic: each step's attention mask and position ids are rebuilt, a Hugging Face backbone's ``DynamicCache`` grows by
 ``torch.cat`` and its mask is rebuilt by transformers, and every step ends in a host sync (``finished.all()``). With
 ``static_cache`` the model's ``new_cache(..., static=True)`` preallocates P + max_new_tokens slots (rounded up to a
-multiple of 64 so nearby prompt widths share one shape; the cache object is kept per model and reset for reuse), one
+multiple of 64 so nearby prompt widths share one compiled shape; a new cache per call, none is kept), one
 prefill fills it, and each step runs the model's ``decode_step`` (one token per row, written in place at a tensor slot,
 attention over every slot under a key mask built inside the step, transformers' ``StaticCache`` for HF backbones); the
 finished check runs every ``check_every`` steps and R is cut back to the last step where a row was alive, so outputs
@@ -299,9 +299,8 @@ def generate(
 
 STATIC_CACHE_MULTIPLE = 64
 """Static KV caches hold P + max_new_tokens slots rounded up to a multiple of this (capped at the model's
-``max_seq_len``): prompt batches a little wider or narrower reuse the same cache and compiled graph."""
+``max_seq_len``): prompt batches a little wider or narrower reuse the same compiled graph."""
 
-_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its last static cache
 _COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose decode step failed to compile
 _COMPILED_STEP = None  # torch.compile(_decode_and_choose), made on first use
 
@@ -311,20 +310,6 @@ def _fast_decode_supported(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return callable(getattr(model, "decode_step", None)) and not isinstance(model, FSDPModule)
-
-
-def _static_cache(model: nn.Module, batch_size: int, length: int, device: torch.device):
-    """The model's static cache for (batch_size, length) slots: the one from its previous call, reset, when its
-    shape, device and dtype still match (a compiled step then keeps its graph), else a new one."""
-    weight = model.lm_head.weight
-    key = (batch_size, length, device, weight.dtype)
-    held = _STATIC_CACHES.get(model)
-    if held is not None and held[0] == key:
-        held[1].reset()
-        return held[1]
-    cache = model.new_cache(batch_size, length, device=device, static=True)
-    _STATIC_CACHES[model] = (key, cache)
-    return cache
 
 
 def _static_length(model: nn.Module, needed: int) -> int:
@@ -394,7 +379,7 @@ def _generate_static(
     logprobs = torch.zeros(b, n_new, dtype=torch.float32, device=device) if output_logprobs else None
     finished = torch.zeros(b, dtype=torch.bool, device=device)
 
-    cache = _static_cache(model, b, _static_length(model, p + n_new), device)
+    cache = model.new_cache(b, _static_length(model, p + n_new), device=device, static=True)
     h = model.hidden_states(input_ids, attention_mask, cache=cache)[:, -1]  # prefill, eager
     token, lp = _head_and_choose(model, h, _uniforms(b, args, generator, device), args, output_logprobs)
     step_fn = _compiled_step() if compiled else _decode_and_choose

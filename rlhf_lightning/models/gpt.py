@@ -142,7 +142,7 @@ class KVCache:
 
     A ``static`` cache also keeps the write pointer as a 0-d long tensor ``pos`` for :meth:`GPT.decode_step`, which
     advances ``pos`` (not the Python int ``length``, so a compiled step never sees a changing constant): fill it with
-    one :meth:`GPT.hidden_states` prefill, then decode with ``decode_step`` only. :meth:`reset` empties it for reuse.
+    one :meth:`GPT.hidden_states` prefill, then decode with ``decode_step`` only.
     """
 
     def __init__(
@@ -167,14 +167,6 @@ class KVCache:
         self.batch_size = batch_size
         self.static = static
         self.pos = torch.zeros((), dtype=torch.long, device=device) if static else None  # () next slot
-
-    def reset(self) -> None:
-        """Empty the cache in place (same buffers, so a compiled decode step keeps its graph)."""
-        for t in (*self.k, *self.v, self.key_mask, self.n_real):
-            t.zero_()
-        self.length = 0
-        if self.pos is not None:
-            self.pos.zero_()
 
     def append(self, mask: Tensor) -> int:
         """Reserve slots for T new tokens with key mask ``mask`` (B, T) bool; return their first slot."""

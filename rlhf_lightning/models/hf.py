@@ -96,7 +96,7 @@ class HFStaticCache:
 
     ``n_real`` (B,) long counts real tokens per row (the next position id); ``pos`` () long is the next slot (the
     same for every row, as the ``StaticCache``'s own write pointer); ``length`` is the Python-int pointer after the
-    prefill (decode steps advance ``pos`` only). :meth:`reset` empties it in place for reuse.
+    prefill (decode steps advance ``pos`` only).
     """
 
     def __init__(self, config: Any, batch_size: int, max_len: int, device: torch.device) -> None:
@@ -108,12 +108,6 @@ class HFStaticCache:
         self.max_len = max_len
         self.batch_size = batch_size
         self.static = True
-
-    def reset(self) -> None:
-        self.inner.reset()
-        for t in (self.key_mask, self.n_real, self.pos):
-            t.zero_()
-        self.length = 0
 
 
 class HFCausalLM(nn.Module):
