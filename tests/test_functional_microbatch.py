@@ -10,7 +10,7 @@ from rlhf_lightning.functional.logprobs import (
     logprobs_and_entropy_from_logits,
     logprobs_from_logits,
 )
-from rlhf_lightning.functional.microbatch import token_budget_groups, trimmed_span
+from rlhf_lightning.functional.microbatch import split_to_count, token_budget_groups, trimmed_span
 
 
 def test_trimmed_span_keeps_exactly_the_columns_with_a_real_token():
@@ -42,6 +42,17 @@ def test_token_budget_groups_sorts_by_length_and_respects_the_budget():
     assert [g.tolist() for g in capped] == [[1, 3], [4, 0], [2]]
     with pytest.raises(ValueError):
         token_budget_groups(prompts, responses, max_tokens=0)
+
+
+def test_split_to_count_splits_the_largest_group_until_the_count_is_reached():
+    groups = [torch.tensor([4, 1, 2]), torch.tensor([0]), torch.tensor([3, 5])]
+    assert [g.tolist() for g in split_to_count(groups, 3)] == [[4, 1, 2], [0], [3, 5]]
+    assert [g.tolist() for g in split_to_count(groups, 5)] == [[4], [1], [2], [0], [3, 5]]  # first largest
+    assert [g.tolist() for g in split_to_count(groups, 4)] == [[4, 1], [2], [0], [3, 5]]
+    with pytest.raises(ValueError):
+        split_to_count(groups, 7)
+    with pytest.raises(ValueError):
+        split_to_count(groups, 2)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

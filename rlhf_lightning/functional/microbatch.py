@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["token_budget_groups", "trimmed_span"]
+__all__ = ["split_to_count", "token_budget_groups", "trimmed_span"]
 
 
 def trimmed_span(query_mask: Tensor, response_mask: Tensor) -> tuple[int, int]:
@@ -76,3 +76,21 @@ def token_budget_groups(
             longest_p, longest_r = prompts[i], responses[i]
     device = prompt_lengths.device
     return [torch.tensor(g, dtype=torch.long, device=device) for g in groups]
+
+
+def split_to_count(groups: list[Tensor], count: int) -> list[Tensor]:
+    """``groups`` with the largest split in two (first half, second half) until there are ``count`` of them.
+
+    Data-parallel ranks that shard weights (FSDP) must run the same number of forwards: each rank groups its own
+    rows, then every rank splits up to the largest count of any rank. ``count`` must lie between ``len(groups)``
+    and the total number of rows. Returns a new list; each group keeps its row order.
+    """
+    rows = sum(len(g) for g in groups)
+    if not len(groups) <= count <= rows:
+        raise ValueError(f"cannot split {len(groups)} group(s) of {rows} row(s) into {count}")
+    out = list(groups)
+    while len(out) < count:
+        i = max(range(len(out)), key=lambda k: len(out[k]))
+        half = (len(out[i]) + 1) // 2
+        out[i : i + 1] = [out[i][:half], out[i][half:]]
+    return out

@@ -31,12 +31,12 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from rlhf_lightning.distributed import global_masked_moments
+from rlhf_lightning.distributed import all_gather_tensors, global_masked_moments, world_size
 from rlhf_lightning.functional.advantages import gae
 from rlhf_lightning.functional.kl import kl_penalized_rewards
 from rlhf_lightning.functional.logprobs import logprobs_from_logits
 from rlhf_lightning.functional.masked import masked_whiten
-from rlhf_lightning.functional.microbatch import token_budget_groups, trimmed_span
+from rlhf_lightning.functional.microbatch import split_to_count, token_budget_groups, trimmed_span
 from rlhf_lightning.models.generation import GenerationArgs, check_left_padded, generate
 from rlhf_lightning.stages.rewards import SequenceScorer
 from rlhf_lightning.stages.sampling import ended_with_eos, response_texts
@@ -125,10 +125,17 @@ def row_groups(
 ) -> list[Tensor]:
     """Row indices of each forward over a (B, P) + (B, R) batch: groups of similar length holding at most ``tokens``
     padded tokens (and at most ``rows`` rows) when ``tokens`` is set, else consecutive chunks of ``rows`` rows
-    (None = all rows at once)."""
+    (None = all rows at once).
+
+    With ``tokens`` and several data-parallel ranks every rank splits its groups up to the largest count of any rank
+    (a collective), so that ranks whose forwards gather sharded weights (FSDP2) run the same number of them."""
     B = query_mask.shape[0]
     if tokens is not None:
-        return token_budget_groups(query_mask.sum(1), response_mask.sum(1), tokens, max_rows=rows)
+        groups = token_budget_groups(query_mask.sum(1), response_mask.sum(1), tokens, max_rows=rows)
+        if world_size() > 1:
+            counts = all_gather_tensors(torch.tensor([len(groups)], device=query_mask.device))
+            groups = split_to_count(groups, min(max(int(c) for c in counts), B))
+        return groups
     size = rows or B
     return [torch.arange(i, min(i + size, B), device=query_mask.device) for i in range(0, B, size)]
 
