@@ -825,11 +825,18 @@ def trl_rloo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any
 FAST_DECODE_FIELDS = ("compile", "static_cache", "fast_decode", "cuda_graphs")
 
 
-def fast_decode_field() -> str | None:
-    """The name of our sampler's fast-decode switch (a bool field of ``GenerationArgs``), if this version has one."""
+def fast_decode_field(choice: str = "auto") -> str | None:
+    """The name of our sampler's fast-decode switch (a bool field of ``GenerationArgs``), if this version has one:
+    ``--gen-fast auto`` takes the first of ``FAST_DECODE_FIELDS`` it has, ``none`` none, a field name that field."""
     from rlhf_lightning.models.generation import GenerationArgs
 
     names = {f.name for f in dataclasses.fields(GenerationArgs)}
+    if choice == "none":
+        return None
+    if choice != "auto":
+        if choice not in names:
+            raise SystemExit(f"--gen-fast {choice}: GenerationArgs has no such field in this version")
+        return choice
     return next((name for name in FAST_DECODE_FIELDS if name in names), None)
 
 
@@ -890,7 +897,7 @@ def _ours_generation(args: argparse.Namespace, folder: Path, root: str, fast: bo
     model = HFCausalLM.from_pretrained(folder).eval()
     extra = {}
     if fast:
-        field = fast_decode_field()
+        field = fast_decode_field(args.gen_fast)
         if field is None:
             raise RuntimeError("GenerationArgs has no fast-decode switch in this version")
         extra[field] = True
@@ -1126,7 +1133,7 @@ def compare(name: str, args: argparse.Namespace, folder: Path, root: Path) -> di
     every round per side, and the ratios (> 1: ours faster) from the best and the median figures."""
     row = ROWS[name]
     sides = ["ours"]
-    if name == "generation" and fast_decode_field() is not None:
+    if name == "generation" and fast_decode_field(args.gen_fast) is not None:
         sides.append("ours_fast")
     if row.trl is not None:
         sides.append("trl")
@@ -1347,6 +1354,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gen-new-tokens", type=int, default=64, help="generation: new tokens per row")
     parser.add_argument("--gen-repeats", type=int, default=3, help="generation: timed calls (best kept)")
     parser.add_argument(
+        "--gen-fast",
+        choices=["auto", "none", *FAST_DECODE_FIELDS],
+        default="auto",
+        help="generation: our fast-decode switch (auto: the first GenerationArgs has; compile implies static_cache)",
+    )
+    parser.add_argument(
         "--trl-sft-mode",
         choices=["packing", "group_by_length", "random"],
         default="packing",
@@ -1431,7 +1444,7 @@ def main(argv: list[str] | None = None) -> None:
             "sft": bool(_ours_packing(args, SFTDataModule).get("packing")),
             "preference": bool(_ours_packing(args, PreferenceDataModule).get("packing")),
         },
-        "fast_decode_field": fast_decode_field(),
+        "fast_decode_field": fast_decode_field(args.gen_fast),
         "dpo": {"beta": args.beta, "loss": "sigmoid"},
         "online": {
             "prompts_per_iteration": args.prompts,

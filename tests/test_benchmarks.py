@@ -159,18 +159,33 @@ def test_vs_trl_generation_row_runs_each_side_in_its_own_process(tmp_path) -> No
     from hf_folders import make_llama_folder
 
     vs_trl = _vs_trl()
+    # static_cache, not compile: the same fixed-shape decode path without compiling in the fast tier (minutes)
+    fast = "static_cache" if "static_cache" in vs_trl.FAST_DECODE_FIELDS else "auto"
     folder = make_llama_folder(tmp_path / "llama")
     assert vs_trl.write_prompts(folder, tmp_path / "prompts.jsonl", 64) > 2
     args = vs_trl.build_parser().parse_args(
-        ["--rounds", "1", "--gen-batch", "2", "--gen-new-tokens", "3", "--gen-repeats", "1"]
+        [
+            "--rounds",
+            "1",
+            "--gen-batch",
+            "2",
+            "--gen-new-tokens",
+            "3",
+            "--gen-repeats",
+            "1",
+            "--gen-fast",
+            fast,
+        ]
     )
     row = vs_trl.compare("generation", args, folder, tmp_path)
-    sides = ["ours", "trl"] + (["ours_fast"] if vs_trl.fast_decode_field() else [])
+    sides = ["ours", "trl"] + (["ours_fast"] if vs_trl.fast_decode_field(fast) else [])
     for side in sides:
         assert row[side]["new_tokens"] == 6 and row[side]["new_tokens_per_sec"] > 0
         assert row[side]["peak_rss_mb"] > 50
     assert row["ratio_ours_over_trl"] > 0 and row["ratio_rss_ours_over_trl"] > 0
-    assert row["ratio_uses"] == ("ours_fast" if vs_trl.fast_decode_field() else "ours")
+    assert row["ratio_uses"] == ("ours_fast" if vs_trl.fast_decode_field(fast) else "ours")
+    if fast != "auto":
+        assert row["ours_fast"]["fast"] == {fast: True}
 
 
 def test_vs_trl_matmul_peak_counts_two_n_cubed_flops_per_product() -> None:
