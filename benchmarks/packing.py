@@ -6,6 +6,7 @@ their steps are *interleaved* (padded step, packed step, then packed first, ...)
 are the non-padding tokens (``attention_mask.sum()``) of the timed steps; pairs are ``len(batch)``.
 
     python benchmarks/packing.py [--model small|llama] [--stage sft reward] [--steps 10 --warmup 2 --batch-size 8]
+        [--random-batches]
 
 ``--model small`` is the built-in preset with the repository's BPE tokenizer (trained into a temporary folder);
 ``--model llama`` a random Llama folder built as ``benchmarks/vs_trl.py`` builds it (256 wide, 4 layers, 4096-token
@@ -64,6 +65,7 @@ def _batches(stage: str, packing: bool, args: argparse.Namespace, tokenizer_path
         batch_size=args.batch_size,
         seed=args.seed,
         packing=packing,
+        bucket_by_length=not args.random_batches,
     )
     if stage == "sft":
         dm = SFTDataModule(
@@ -167,6 +169,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per arm")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps per arm")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--random-batches",
+        action="store_true",
+        help="both arms without length bucketing (the padded arm pads more)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_path = _tokenizer_path(args, Path(tmp))
@@ -178,6 +185,7 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "max_length": args.max_length,
                 "steps": args.steps,
+                "bucket_by_length": not args.random_batches,
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
                 "machine": platform.machine(),
