@@ -210,3 +210,23 @@ def test_reward_recipe_trains_and_scores_our_side_on_a_hugging_face_folder(tmp_p
     (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert line["side"] == "ours" and line["steps"] == 3 and line["lr"] == 1e-5
     assert 0.0 <= line["accuracy"] <= 1.0 and line["val_loss"] > 0
+
+
+def test_hf_generation_benchmark_times_each_decode_mode_against_model_generate() -> None:
+    """``benchmarks/hf_generation.py`` (README: fast decoding) on a tiny random Llama: one JSON object with our
+    default and static-cache loops each over ``model.generate``, and the greedy tokens identical to it."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "hf_generation.py"), "--hidden", "32", "--layers", "2",
+         "--vocab-size", "128", "--batch", "2", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
+         "--no-baseline", "--modes", "default", "static_cache", "--threads", "1"],
+        capture_output=True, text=True, check=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    result = json.loads(out.stdout[out.stdout.index("{") :])
+    for mode in ("default", "static_cache"):
+        assert result[f"{mode}_greedy_match"] is True
+        assert result[f"{mode}_over_hf"] > 0
