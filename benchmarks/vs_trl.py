@@ -98,8 +98,9 @@ What is equal between the two sides:
   template; the template marks assistant content with ``{% generation %}`` so TRL's assistant mask and ours cover
   the same tokens (the reply and its closing EOS);
 * batch size, ``max_length``, step counts and warm-up, the same torch thread count (one process per side, run one
-  after the other), no gradient checkpointing, float32 (TRL would default to bf16 autocast and gradient
-  checkpointing; both are switched off), plain ``torch.optim.AdamW`` (foreach, not fused; TRL's default is the fused one) with the same
+  after the other), no gradient checkpointing, float32 by default (TRL would default to bf16 autocast and gradient
+  checkpointing; both are switched off) or bf16 autocast over float32 weights on both sides with ``--precision
+  bf16`` (ours ``bf16-mixed``, our default on CPUs with avx512_bf16/amx_bf16; TRL ``bf16=True``), plain ``torch.optim.AdamW`` (foreach, not fused; TRL's default is the fused one) with the same
   learning rate and no weight decay, gradient-norm clipping at 1.0, no data-loader workers, no checkpointing,
   no progress bar, no external logger;
 * long sequences: SFT keeps the start (``truncation="right"`` for ours, TRL's only mode ``keep_start``); the reward
@@ -358,7 +359,7 @@ def _lightning_trainer(args: argparse.Namespace, root: str, window: _Window):
         accelerator="cpu",
         devices=1,
         max_steps=args.warmup + args.steps,
-        precision="32-true",
+        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
         gradient_clip_val=1.0,
         limit_val_batches=0,
         num_sanity_val_steps=0,
@@ -530,7 +531,7 @@ def _fit_online(module: Any, args: argparse.Namespace, folder: Path, root: str, 
         devices=1,
         max_steps=args.rl_warmup + args.iterations,
         max_epochs=-1,
-        precision="32-true",
+        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=False,
@@ -589,7 +590,7 @@ def _trl_common(args: argparse.Namespace, out: str, group_by_length: bool = Fals
     return dict(
         output_dir=out,
         use_cpu=True,
-        bf16=False,
+        bf16=args.precision == "bf16",  # autocast, as ours (--precision)
         fp16=False,
         gradient_checkpointing=False,
         per_device_train_batch_size=args.batch_size,
@@ -1301,6 +1302,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained for the folder")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision",
+        choices=["32", "bf16"],
+        default="32",
+        help="training rows on both sides: float32, or bf16 autocast over float32 weights (ours bf16-mixed, TRL "
+        "bf16=True); generation stays float32",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="runs per side, alternating which goes first")
     parser.add_argument("--only", choices=list(ROWS), nargs="+", default=None, help="run these comparisons")
     parser.add_argument(
@@ -1438,6 +1446,7 @@ def main(argv: list[str] | None = None) -> None:
         "model_warmup_steps": args.model_warmup or args.warmup,
         "model_rounds": args.model_rounds or args.rounds,
         "rounds": args.rounds,
+        "precision": args.precision,
         "process_per_side": True,
         "trl_sft_mode": args.trl_sft_mode,
         "ours_packing": {
