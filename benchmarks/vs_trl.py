@@ -59,7 +59,9 @@ Rows (``--only``; "both": also on ``--model``):
   top-k/top-p, stopping at EOS (``stop_token="eos"``), fixed k1 KL in the reward with ``--ppo-kl-coef``, GAE
   gamma 1 / lambda 0.95, clip 0.2, value clip 0.2, value weight 0.1, advantages whitened and rewards not, the raw
   reward-model score (ours ``normalize=False, clip=None``), no gradient clipping (TRL's PPO loop has none), no
-  sample generations. Differences: ours has two AdamW optimizers (policy, critic), TRL one over both; a reply
+  sample generations. Differences: ours has two AdamW optimizers (policy, critic), TRL one over both; ours splits
+  each minibatch into micro-batches of rows of similar length, about ``--ppo-micro-batch-tokens`` padded tokens each
+  (``PPOArgs.micro_batch_tokens``; the same gradient as one forward, tested; 0 turns it off); a reply
   without EOS scores -1 in ours (``missing_eos_score``), its score minus 1 in TRL (``missing_eos_penalty=1``);
 * ``generation`` (both): new tokens per second of our sampler (``models.generation.generate`` on
   ``HFCausalLM.from_pretrained(folder)``) vs transformers' ``model.generate`` on the first ``--gen-batch`` prompts
@@ -562,6 +564,9 @@ def ours_ppo(args: argparse.Namespace, folder: Path, root: str) -> dict[str, Any
             kl_beta=args.ppo_kl_coef,  # fixed (kl_target None), k1 in the reward: TRL's kl_estimator="k1"
             max_grad_norm=None,  # TRL's PPO loop never clips gradients
             whiten_advantages=True,  # TRL whitens advantages (and not rewards: whiten_rewards=False)
+            # ours only: rows of similar length grouped into micro-batches of about this many padded tokens
+            # (the gradient is the unsplit minibatch's; 0 = one forward per minibatch, as TRL)
+            micro_batch_tokens=args.ppo_micro_batch_tokens or None,
         ),
         # raw reward-model score, as TRL: no calibration, no clipping; a reply without EOS scores -1 (TRL:
         # missing_eos_penalty=1 subtracts 1; the same cost)
@@ -1351,6 +1356,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ppo-batch", type=int, default=16, help="PPO: prompts per iteration")
     parser.add_argument("--ppo-minibatch", type=int, default=8, help="PPO: rows per optimizer step")
     parser.add_argument("--ppo-epochs", type=int, default=4, help="PPO: epochs per rollout batch")
+    parser.add_argument(
+        "--ppo-micro-batch-tokens",
+        type=int,
+        default=1024,
+        help="PPO, ours: padded tokens per micro-batch (PPOArgs.micro_batch_tokens; 0: one forward per minibatch)",
+    )
     parser.add_argument("--ppo-kl-coef", type=float, default=0.05, help="PPO: fixed KL-in-reward coefficient")
     parser.add_argument(
         "--trl112-path",
@@ -1466,6 +1477,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "ppo": {
             "batch": args.ppo_batch,
+            "micro_batch_tokens_ours": args.ppo_micro_batch_tokens or None,
             "minibatch": args.ppo_minibatch,
             "epochs": args.ppo_epochs,
             "kl_coef": args.ppo_kl_coef,
