@@ -191,6 +191,24 @@ def test_vs_trl_generation_row_runs_each_side_in_its_own_process(tmp_path) -> No
 def test_vs_trl_matmul_peak_counts_two_n_cubed_flops_per_product() -> None:
     peak = _vs_trl()._matmul_peak(seconds=0.05, n=64)
     assert peak["n"] == 64 and peak["reps"] >= 1 and peak["flops_per_sec"] > 0
+    bf16 = _vs_trl()._matmul_peak(seconds=0.05, n=64, dtype="bfloat16")  # the --precision bf16 MFU's peak
+    assert bf16["flops_per_sec"] > 0
+
+
+def test_vs_trl_markdown_mfu_row_names_the_bf16_peak_under_bf16(tmp_path, capsys) -> None:
+    """Under ``--precision bf16`` the MFU row shows the bf16 matmul peak and the MFU against it beside the fp32 one
+    (bf16 autocast can exceed the fp32 peak, so the fp32 MFU alone overstates the use of the machine)."""
+    import json
+
+    vs_trl = _vs_trl()
+    ours = {"model_flops_per_sec": 2e11, "mfu": 1.1, "matmul_peak_flops_per_sec": 1.8e11, "peak_rss_mb": 900,
+            "bf16_matmul_peak_flops_per_sec": 8e11, "mfu_vs_bf16_peak": 0.25}  # fmt: skip
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"date": "2026-12-03", "rows": {"mfu": {"metric": "mfu", "model": "small",
+                                                                        "ours": ours}}}))  # fmt: skip
+    vs_trl.main(["--from-json", str(saved)])
+    table = capsys.readouterr().out
+    assert "peak 180.0 GFLOP/s (fp32 mm); bf16 mm 800.0 GFLOP/s (MFU 25.0%)" in table
 
 
 def test_reward_recipe_trains_and_scores_our_side_on_a_hugging_face_folder(tmp_path, capsys) -> None:
