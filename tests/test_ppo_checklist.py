@@ -14,7 +14,10 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from trainers import quiet_trainer  # tests/ is on sys.path under pytest
+from ppo_probes import attach_optimizers as _attach_optimizers
+from ppo_probes import mixed_lengths
+from ppo_probes import seeded_rollout as _rollout
+from trainers import quiet_trainer
 
 from rlhf_lightning.data.prompts import PromptDataModule
 from rlhf_lightning.data.sft import SFTDataModule
@@ -99,36 +102,8 @@ def _ppo(sft: str, reward: str | None, tokenizer_path: str, build: bool = True, 
     return module
 
 
-class _EOSBias(torch.nn.Module):
-    """LM head + a constant on the EOS logit: responses of mixed lengths (some stop, some hit the limit)."""
-
-    def __init__(self, head: torch.nn.Module, eos: int, bias: float) -> None:
-        super().__init__()
-        self.head, self.eos, self.bias = head, eos, bias
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden)
-        return logits + self.bias * torch.nn.functional.one_hot(torch.tensor(self.eos), logits.shape[-1])
-
-
 def _mixed_lengths(module: PPOModule, bias: float = 2.5) -> PPOModule:
-    for net in (module.policy, module.reference):
-        net.lm_head = _EOSBias(net.lm_head, module.tokenizer.eos_id, bias)
-    return module
-
-
-def _rollout(module: PPOModule, batch, seed: int = 0):
-    module.generator.manual_seed(seed)
-    rollout, _ = module._rollout(batch)
-    return rollout
-
-
-def _attach_optimizers(module: PPOModule):
-    """Run ``_update`` without a Trainer: the module's own optimizers and a plain backward."""
-    optimizers = module.configure_optimizers()
-    module.optimizers = lambda use_pl_optimizer=True: optimizers
-    module.manual_backward = lambda loss: loss.backward()
-    return optimizers
+    return mixed_lengths(module, bias)
 
 
 def _params(net: torch.nn.Module) -> dict[str, torch.Tensor]:
