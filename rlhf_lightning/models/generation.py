@@ -178,6 +178,19 @@ def choose_token(logits: Tensor, args: GenerationArgs, u: Tensor | None) -> Tens
 
 
 @torch.no_grad()
+def _output(
+    input_ids: Tensor, response: Tensor, mask: Tensor, logprobs: Tensor | None, steps: int
+) -> GenerationOutput:
+    """The first ``steps`` columns of the preallocated (B, max_new) buffers as a :class:`GenerationOutput`."""
+    response, mask = response[:, :steps], mask[:, :steps]
+    return GenerationOutput(
+        sequences=torch.cat([input_ids, response], dim=1),
+        response_ids=response,
+        response_mask=mask,
+        logprobs=None if logprobs is None else logprobs[:, :steps],
+    )
+
+
 def _all_finished(finished: Tensor, model: nn.Module) -> bool:
     """Every row has finished; for a model sharded with FSDP2, every row of every rank: each forward gathers the
     parameters from all ranks, so the ranks must take the same number of steps (a rank whose rows are all done keeps
@@ -286,13 +299,7 @@ def generate(
     finally:
         model.train(was_training)
 
-    response, mask = response[:, :steps], mask[:, :steps]
-    return GenerationOutput(
-        sequences=torch.cat([input_ids, response], dim=1),
-        response_ids=response,
-        response_mask=mask,
-        logprobs=None if logprobs is None else logprobs[:, :steps],
-    )
+    return _output(input_ids, response, mask, logprobs, steps)
 
 
 # ------------------------------------------------------------------------------------------- fixed-shape decoding
@@ -408,10 +415,4 @@ def _generate_static(
     # R as in the default loop: up to the last step at which some row was still alive (it wrote that row's EOS)
     alive_steps = mask[:, :steps].any(0).nonzero()
     steps = int(alive_steps[-1]) + 1
-    response, mask = response[:, :steps], mask[:, :steps]
-    return GenerationOutput(
-        sequences=torch.cat([input_ids, response], dim=1),
-        response_ids=response,
-        response_mask=mask,
-        logprobs=None if logprobs is None else logprobs[:, :steps],
-    )
+    return _output(input_ids, response, mask, logprobs, steps)
