@@ -138,3 +138,26 @@ def make_qwen_tokenizer_folder(path: Path) -> Path:
     tok.chat_template = QWEN_TEMPLATE
     tok.save_pretrained(path)
     return path
+
+
+def tiny_llama(vocab_size: int, max_positions: int = 256, attn: str = "sdpa", lora=None, **config_kwargs):
+    """A random in-memory Llama (hidden 32, 2 layers, GQA 4/2, seeded) behind ``HFCausalLM``, no folder written;
+    ``config_kwargs`` go to ``LlamaConfig`` (``pad_token_id``, ``tie_word_embeddings``, ...)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_lightning.models.hf import HFCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        **config_kwargs,
+    )
+    config._attn_implementation = attn
+    return HFCausalLM(LlamaForCausalLM(config), "in-memory", lora=lora)

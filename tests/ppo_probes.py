@@ -3,7 +3,17 @@ module's own optimizers attached so ``_update`` runs without a Trainer."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+
+def save_stage_checkpoint(module, path: Path) -> str:
+    """A stage module's checkpoint as the Trainer writes it (state dict, hyper-parameters, its payload)."""
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return str(path)
 
 
 class EOSBias(torch.nn.Module):

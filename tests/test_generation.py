@@ -218,24 +218,10 @@ def test_right_padded_prompts_are_refused(model: GPT) -> None:
 
 
 def _tiny_llama(attn: str = "sdpa"):
-    """A random tiny Llama (as tests/hf_folders.py builds: hidden 32, 2 layers, GQA 4/2) behind HFCausalLM."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random tiny Llama (hidden 32, 2 layers, GQA 4/2) behind HFCausalLM."""
+    from hf_folders import tiny_llama
 
-    from rlhf_lightning.models.hf import HFCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=PAD,
-    )
-    config._attn_implementation = attn
-    return HFCausalLM(LlamaForCausalLM(config), source="<random>").eval()
+    return tiny_llama(V, attn=attn, pad_token_id=PAD).eval()
 
 
 @pytest.fixture(scope="module", params=["gpt", "llama", "llama-eager"])

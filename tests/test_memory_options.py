@@ -18,22 +18,9 @@ V = 211
 
 
 def _hf(tied: bool, lora: LoRAArgs | None = None):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from hf_folders import tiny_llama
 
-    from rlhf_lightning.models.hf import HFCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-    )
-    return HFCausalLM(LlamaForCausalLM(config), "in-memory", lora=lora)
+    return tiny_llama(V, max_positions=64, lora=lora, tie_word_embeddings=tied)
 
 
 def _batch(seed: int = 0) -> SFTBatch:

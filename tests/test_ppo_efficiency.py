@@ -15,6 +15,7 @@ import pytest
 import torch
 from ppo_probes import attach_optimizers as _attach_optimizers
 from ppo_probes import mixed_lengths
+from ppo_probes import save_stage_checkpoint as _save
 from ppo_probes import seeded_rollout as _rollout
 from trainers import quiet_trainer
 
@@ -28,13 +29,6 @@ from rlhf_lightning.stages.sft import SFTModule
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "data" / "hh_rlhf" / "prompts_train.jsonl"
-
-
-def _save(module, path: Path) -> str:
-    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
-    module.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ppo_probes import save_stage_checkpoint as _save  # tests/ is on sys.path under pytest
 
 from rlhf_lightning.data.prompts import PromptDataModule
 from rlhf_lightning.models.factory import ModelArgs
@@ -27,13 +28,6 @@ GSM8K = REPO / "data" / "gsm8k" / "prompts_train.jsonl"
 TINY = ModelArgs(preset="tiny", dropout=0.0)
 FAKE = "ppo_test_reward_fns"  # a module registered in sys.modules by the `calls` fixture
 MEAN, STD = -0.5, 4.0
-
-
-def _save(module, path: Path) -> str:
-    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
-    module.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
