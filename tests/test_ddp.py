@@ -38,6 +38,7 @@ from rlhf_lightning.types import Rollout
 
 REPO = Path(__file__).resolve().parents[1]
 B, R = 4, 5  # rows per rank, response length
+TOKENS = 14  # micro_batch_tokens for the token-split update: rows of 8 go alone, shorter ones in pairs
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -127,7 +128,9 @@ def _ppo_metrics(rows: slice = slice(None)) -> dict[str, torch.Tensor]:
     return {k: v for k, v in metrics.items() if k.startswith("rollout/")}
 
 
-def _ppo_update(rank: int | None, mesh: object | None = None) -> dict[str, torch.Tensor]:
+def _ppo_update(
+    rank: int | None, mesh: object | None = None, micro_batch_tokens: int | None = None
+) -> dict[str, torch.Tensor]:
     """Policy and critic weights after ``PPOModule._update`` (2 epochs, micro-batches of 3, gradient clipping) on this
     process's rows of one fixed rollout of 2B rows whose advantages are whitened by ``rewards_and_advantages``: rank
     r holds rows [rB, (r+1)B) and a minibatch of B; one process holds all 2B in a minibatch of 2B. With a device
@@ -162,7 +165,13 @@ def _ppo_update(rank: int | None, mesh: object | None = None) -> dict[str, torch
         query, torch.ones_like(query, dtype=bool), response, mask, logprobs, ref_logprobs, values, scores, scores,
         rewards, advantages, returns, torch.zeros(len(query), dtype=bool),
     )  # fmt: skip
-    ppo = PPOArgs(epochs=2, minibatch_size=len(query), micro_batch_size=3, max_grad_norm=1.0)
+    ppo = PPOArgs(
+        epochs=2,
+        minibatch_size=len(query),
+        micro_batch_size=3,
+        micro_batch_tokens=micro_batch_tokens,
+        max_grad_norm=1.0,
+    )
     module = PPOModule("unused", ppo=ppo)
     module.policy, module.value_model = policy, value_model
     if mesh is not None:
@@ -208,6 +217,10 @@ def _on_rank(rank: int) -> dict[str, torch.Tensor]:
     result["token_mean_grad"] = _token_mean_gradient(part["mask"])
     result.update({f"ppo:{k}": v for k, v in _ppo_metrics(slice(rank * B, (rank + 1) * B)).items()})
     result.update({f"ppo_update/{k}": v for k, v in _ppo_update(rank).items()})
+    # micro-batches by tokens: each rank's rows (uneven lengths) fall into its own number of groups
+    result.update(
+        {f"ppo_update_tokens/{k}": v for k, v in _ppo_update(rank, micro_batch_tokens=TOKENS).items()}
+    )
     # per-rank means over 3 and 1 items (DPO's pair counts in a short batch), then over 2 and 0
     local = {"a": torch.tensor([1.0, 4.0][rank]), "b": torch.tensor([2.0, -1.0][rank], dtype=torch.float64)}
     for name, weights in (("uneven", (3, 1)), ("empty", (2, 0))):
@@ -302,6 +315,17 @@ def test_ppo_update_on_two_ranks_of_b_rows_gives_the_weights_of_one_rank_of_2b(t
     for rank in two_ranks:
         for name, weight in one.items():
             torch.testing.assert_close(rank[f"ppo_update/{name}"], weight, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_ppo_update_with_micro_batch_tokens_on_two_ranks_gives_the_weights_of_one_rank(two_ranks):
+    """``micro_batch_tokens`` on 2 ranks whose rows group differently (every rank runs as many micro-batches as the
+    rank with the most, or DDP/FSDP2 collectives would hang) still ends with one process's weights on all rows."""
+    one = _ppo_update(None, micro_batch_tokens=TOKENS)
+    for rank in two_ranks:
+        for name, weight in one.items():
+            torch.testing.assert_close(
+                rank[f"ppo_update_tokens/{name}"], weight, atol=1e-6, rtol=1e-5, msg=name
+            )
 
 
 def test_every_rank_resumes_its_own_generator_stream(two_ranks):
