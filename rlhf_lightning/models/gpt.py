@@ -326,6 +326,8 @@ class GPT(nn.Module):
     ``lm_head`` (D -> V, weight shared with ``wte`` when tied), ``gradient_checkpointing`` (bool, default False).
     """
 
+    accepts_4d_mask = True  # hidden_states takes a (B, 1, T, T) attention pattern (functional.prefix_sharing)
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
@@ -429,12 +431,16 @@ class GPT(nn.Module):
 
         input_ids (B, T) long. attention_mask (B, T) bool/int, True on real tokens (None = all real); with a cache it
         may also cover the cached prefix too, (B, S + T) as in Hugging Face, and only its last T columns are read.
+        A (B, 1, T, T) bool attention_mask is the attention pattern itself (True = query may attend to key; no
+        cache, ``position_ids`` required), as ``functional.prefix_sharing`` builds it.
         position_ids (B, T) long (default: see module docstring). cache: written in place and advanced by T.
         cu_seqlens (D + 1,) int: a packed row (B = 1, ``data.collate.pack_sequences``) of documents that attend only
         within themselves; ``position_ids`` then default to restarting at 0 in each document.
         """
         if cu_seqlens is not None:
             return self._packed_hidden_states(input_ids, position_ids, cache, cu_seqlens)
+        if attention_mask is not None and attention_mask.ndim == 4:
+            return self._masked_hidden_states(input_ids, attention_mask, position_ids, cache)
         b, t = input_ids.shape
         device = input_ids.device
         if attention_mask is not None:
@@ -472,6 +478,28 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i, start)
+        return self.norm(x)
+
+    def _masked_hidden_states(
+        self, input_ids: Tensor, mask: Tensor, position_ids: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        """Hidden states (B, T, D) under a caller's (B, 1, T, T) bool attention mask (True = attend; e.g.
+        ``functional.prefix_sharing``), RoPE from ``position_ids`` (required: the mask says nothing of positions)."""
+        if cache is not None or position_ids is None:
+            raise ValueError("a (B, 1, T, T) attention mask needs position_ids and takes no KV cache")
+        longest = int(position_ids.max()) + 1
+        if longest > self.config.max_seq_len:
+            raise ValueError(f"position {longest - 1} >= max_seq_len {self.config.max_seq_len}")
+        x = self.drop(self.wte(input_ids))
+        cos, sin = self._rope(position_ids, x.dtype)
+        mask = mask.bool()
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = (
+                checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                if use_ckpt
+                else block(x, cos, sin, mask)
+            )
         return self.norm(x)
 
     def _packed_hidden_states(

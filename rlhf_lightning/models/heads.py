@@ -20,6 +20,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from rlhf_lightning.functional.prefix_sharing import share_pair_prefix
+
 __all__ = ["RewardModel", "ScalarHead", "ValueModel", "last_token_index"]
 
 
@@ -79,11 +81,27 @@ class RewardModel(nn.Module):
         attention_mask: Tensor,
         position_ids: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
+        share_prompt: bool = False,
     ) -> Tensor:
         """input_ids (B, T) long, attention_mask (B, T) bool -> raw scores (B,) (not normalised).
 
         Packed (``cu_seqlens`` (D + 1,), a (1, N) row of D documents, ``data.collate.pack_sequences``): scores (D,),
-        each document read at its own last token ``cu_seqlens[d + 1] - 1``."""
+        each document read at its own last token ``cu_seqlens[d + 1] - 1``.
+
+        ``share_prompt``: the rows are pairs (rows [0, B/2) chosen, [B/2, B) rejected, right-padded); each pair runs
+        as one row whose common prefix is computed once (``functional.prefix_sharing``), same scores. Falls back to
+        one row per sequence when the backbone takes no (B, 1, T, T) mask (``accepts_4d_mask``), the rows are not
+        right-padded, or sharing would save under 10 % of the padded cells."""
+        if share_prompt and cu_seqlens is None and getattr(self.backbone, "accepts_4d_mask", False):
+            shared = share_pair_prefix(input_ids, attention_mask, position_ids)
+            if shared is not None:
+                hidden = self.backbone.hidden_states(
+                    shared.input_ids, shared.attention_mask(), shared.position_ids
+                )  # (B/2, W, D)
+                pairs = torch.arange(hidden.shape[0], device=hidden.device)
+                rows = torch.cat([pairs, pairs])
+                cols = torch.cat([shared.chosen_last, shared.rejected_last]).to(hidden.device)
+                return self.head(hidden[rows, cols])  # (B,) chosen first, as the rows came
         if cu_seqlens is not None:
             hidden = self.backbone.hidden_states(
                 input_ids, attention_mask, position_ids, cu_seqlens=cu_seqlens

@@ -227,6 +227,16 @@ class HFCausalLM(nn.Module):
         return self.hf_model.get_output_embeddings()
 
     @property
+    def accepts_4d_mask(self) -> bool:
+        """Whether :meth:`hidden_states` takes a (B, 1, T, T) bool attention pattern: with the ``sdpa`` and
+        ``eager`` attention implementations (transformers passes a 4D mask through as given)."""
+        return getattr(self.hf_model.config, "_attn_implementation", None) in (
+            "sdpa",
+            "eager",
+            PACKED_ATTENTION,
+        )
+
+    @property
     def gradient_checkpointing(self) -> bool:
         return self._gradient_checkpointing
 
@@ -313,17 +323,39 @@ class HFCausalLM(nn.Module):
         Key j is allowed for the query at slot i if j <= i and it holds a real token, or j == i (a pad query then
         attends to itself instead of nothing, which would give NaN), as in ``models.gpt``.
         """
-        impl = getattr(self.hf_model.config, "_attn_implementation", None)
-        if impl not in ("sdpa", "eager"):
+        if not self.accepts_4d_mask:
             return cache.key_mask
         k_slot = torch.arange(cache.max_len, device=q_slot.device)[None, :]  # (1, L)
         q = q_slot[:, None]  # (T, 1)
         allowed = ((k_slot <= q) & cache.key_mask[:, None, None, :]) | (k_slot == q)  # (B, 1, T, L)
-        if impl == "sdpa":
+        return self._as_4d_mask(allowed, dtype)
+
+    def _as_4d_mask(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
+        """A (B, 1, T, S) bool pattern (True = attend) as the attention implementation reads it: bool for SDPA,
+        additive float (0 or the dtype's minimum) for eager."""
+        if getattr(self.hf_model.config, "_attn_implementation", None) != "eager":
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
             ~allowed, torch.finfo(dtype).min
         )
+
+    def _masked_hidden_states(self, input_ids: Tensor, mask: Tensor, position_ids: Tensor | None) -> Tensor:
+        """Hidden states (B, T, D) under a caller's (B, 1, T, T) bool attention pattern (see :meth:`hidden_states`)."""
+        if position_ids is None:
+            raise ValueError("a (B, 1, T, T) attention mask needs position_ids")
+        if not self.accepts_4d_mask:
+            impl = getattr(self.hf_model.config, "_attn_implementation", None)
+            raise ValueError(
+                f"{self.source}: attn_implementation={impl!r} takes no (B, 1, T, T) attention mask here; "
+                "expected sdpa or eager"
+            )
+        out = self.decoder(
+            input_ids=input_ids,
+            attention_mask=self._as_4d_mask(mask.bool(), self.lm_head.weight.dtype),
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
 
     def _static_forward(
         self, input_ids: Tensor, mask: Tensor, position_ids: Tensor | None, cache: HFStaticCache
@@ -379,9 +411,15 @@ class HFCausalLM(nn.Module):
 
         With a cache, ``attention_mask`` may be (B, T) or cover the cached prefix too (only its last T columns are
         read); the cache's own mask supplies the prefix. ``cu_seqlens`` (D + 1,): a packed (1, N) row (module notes).
+        A (B, 1, T, T) bool ``attention_mask`` is the attention pattern itself (True = attend; ``position_ids``
+        required, no cache; sdpa and eager only, see :attr:`accepts_4d_mask`).
         """
         if cu_seqlens is not None:
             return self._packed_hidden_states(input_ids, position_ids, cache, cu_seqlens)
+        if attention_mask is not None and attention_mask.ndim == 4:
+            if cache is not None:
+                raise ValueError("a (B, 1, T, T) attention mask takes no cache")
+            return self._masked_hidden_states(input_ids, attention_mask, position_ids)
         b, t = input_ids.shape
         device = input_ids.device
         if attention_mask is None:

@@ -29,6 +29,9 @@ Choices and fixes:
 * Score statistics are reduced as (count, sum, sum of squares) in float64 across ranks, so ranks with uneven
   validation shards still give the exact mean and the unbiased (n - 1) standard deviation of all scores. They are
   measured on the validation replies; PPO may re-measure them on reference-policy samples.
+* Shared prompt (``share_prompt``, default on): a padded pair batch runs as B rows ``[prompt | chosen reply |
+  rejected reply]`` under a tree-shaped causal mask instead of 2B rows, so the prompt (most of an HH conversation)
+  is computed once; exact (tested equal to the 2B-row scores and gradients).
 * Packed batches (``PreferenceDataModule(packing=True)``): the 2B sequences are documents of one padding-free row
   (chosen first, then rejected, as the padded rows), each scored at its own last token; same scores, loss and
   gradients as padded batches.
@@ -87,6 +90,11 @@ class RewardModule(LightningModule):
         merge_lora: when ``init_from`` is a LoRA model, fold its adapter into the weights and train every weight
             (the usual recipe for a reward model from a pretrained model: full fine-tuning at ~1e-5; Ouyang et al.
             2022, Touvron et al. 2023). False keeps training the SFT adapter with the base frozen.
+        share_prompt: run each padded pair as one row whose common prefix (the prompt) is computed once, chosen
+            and rejected branching off it under a tree-shaped attention mask (``functional.prefix_sharing``): the
+            same scores, loss and gradients with fewer tokens (0.62x on the shipped HH pairs). Applies to padded
+            batches on backbones that take a (B, 1, T, T) mask (the built-in GPT; Hugging Face models with sdpa or
+            eager attention); anything else runs the two rows as before.
     """
 
     def __init__(
@@ -98,6 +106,7 @@ class RewardModule(LightningModule):
         scheduler: LRSchedulerCallable = WarmupCosineLR,
         worst_pairs: int = 8,
         merge_lora: bool = False,
+        share_prompt: bool = True,
     ) -> None:
         super().__init__()
         if worst_pairs < 0:
@@ -105,6 +114,7 @@ class RewardModule(LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.worst_pairs = worst_pairs
         self.merge_lora = merge_lora
+        self.share_prompt = share_prompt
         self._worst: list[tuple[float, float, float, list[int], list[int]]] = []
         self.init_from = init_from
         self.model_args = model
@@ -180,16 +190,25 @@ class RewardModule(LightningModule):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        share_prompt: bool = False,
     ) -> torch.Tensor:
-        """Raw scores (B,) of right- or left-padded sequences; (D,) of a packed row's documents (``cu_seqlens``)."""
-        return self._model()(input_ids, attention_mask, position_ids, cu_seqlens)
+        """Raw scores (B,) of right- or left-padded sequences; (D,) of a packed row's documents (``cu_seqlens``);
+        ``share_prompt``: the rows are stacked pairs, scored with their common prefix computed once."""
+        return self._model()(input_ids, attention_mask, position_ids, cu_seqlens, share_prompt=share_prompt)
 
     def _pair_step(
         self, batch: PreferenceBatch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Scores (2B,) of one batch and its Bradley-Terry loss and stats."""
-        # 1. one forward for chosen and rejected: (2B,) (packed: one document each, in the same order)
-        scores = self(batch.input_ids, batch.attention_mask, batch.position_ids, batch.cu_seqlens)
+        # 1. one forward for chosen and rejected: (2B,) (packed: one document each, in the same order; shared
+        # prompt: one row per pair)
+        scores = self(
+            batch.input_ids,
+            batch.attention_mask,
+            batch.position_ids,
+            batch.cu_seqlens,
+            share_prompt=self.share_prompt and batch.cu_seqlens is None,
+        )
         chosen, rejected = scores.chunk(2)
         loss, stats = pairwise_loss(chosen, rejected, batch.margin)  # 2. Bradley-Terry loss
         return loss, stats, scores
