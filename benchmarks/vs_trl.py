@@ -30,7 +30,8 @@ Rows (``--only``; "both": also on ``--model``):
   ``--ours-packing`` (default: whenever ``SFTDataModule`` takes ``packing``, detected with ``inspect.signature``);
   else it buckets by length. A packed step holds more tokens than a padded one, so the step counts mean different
   amounts of work; the rate counts only non-padding tokens;
-* ``reward`` (both): preference pairs per second of ``RewardModule`` (``PreferenceDataModule``, packing as SFT's)
+* ``reward`` (both): preference pairs per second of ``RewardModule`` (``PreferenceDataModule``, packing as SFT's;
+  its default ``share_prompt``: each padded pair is one row whose prompt runs once, recorded as ``share_prompt``)
   vs TRL's ``RewardTrainer``;
 * ``dpo``: preference pairs per second of ``DPOModule`` (sigmoid loss, ``--beta``, reference log-probs cached) vs
   TRL's ``DPOTrainer`` (``loss_type=["sigmoid"]``, same beta). Both start from the folder's weights (ours through an
@@ -445,7 +446,8 @@ def ours_reward(args: argparse.Namespace, folder: Path, root: str) -> dict[str, 
     module.optimizer_factory = _adamw(args)
     window = _Window(args.warmup)
     _lightning_trainer(args, root, window).fit(module, datamodule=data)
-    return window.summary("pairs")  # len(PreferenceBatch) is its pair count (2x rows: chosen, rejected)
+    # len(PreferenceBatch) is its pair count (2x rows: chosen, rejected)
+    return {**window.summary("pairs"), "share_prompt": getattr(module, "share_prompt", False)}
 
 
 def _stage_checkpoint(folder: Path, root: str, stage: str = "sft") -> str:
