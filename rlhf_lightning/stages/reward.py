@@ -31,7 +31,8 @@ Choices and fixes:
   measured on the validation replies; PPO may re-measure them on reference-policy samples.
 * Shared prompt (``share_prompt``, default on): a padded pair batch runs as B rows ``[prompt | chosen reply |
   rejected reply]`` under a tree-shaped causal mask instead of 2B rows, so the prompt (most of an HH conversation)
-  is computed once; exact (tested equal to the 2B-row scores and gradients).
+  is computed once; exact (tested equal to the 2B-row scores and gradients). With dropout on, the shared prompt
+  draws one dropout mask for both replies instead of two (the score difference then sees no prompt-dropout noise).
 * Packed batches (``PreferenceDataModule(packing=True)``): the 2B sequences are documents of one padding-free row
   (chosen first, then rejected, as the padded rows), each scored at its own last token; same scores, loss and
   gradients as padded batches.
