@@ -12,7 +12,7 @@ from hf_folders import tiny_llama  # tests/ is on sys.path under pytest
 
 from rlhf_lightning.data.collate import collate_preference
 from rlhf_lightning.functional.losses import pairwise_loss
-from rlhf_lightning.functional.prefix_sharing import branch_causal_mask, share_pair_prefix
+from rlhf_lightning.functional.prefix_sharing import branch_causal_mask, share_group_prefix, share_pair_prefix
 from rlhf_lightning.models.gpt import create_model
 from rlhf_lightning.models.heads import RewardModel
 from rlhf_lightning.stages.reward import RewardModule
@@ -191,3 +191,118 @@ def test_reward_module_shares_by_default_and_matches_two_rows():
     assert calls == [True]
     torch.testing.assert_close(scores_on, scores_off, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss_on, loss_off, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- online RL groups
+
+
+def _group_rollout(seed: int = 0):
+    """3 prompts (left-padded, different lengths) x 3 replies each, rows interleaved as a shuffled minibatch gives
+    them, replies ending early (mask True up to the EOS) or running to R."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (7, 11, 4)]
+    p, r = 11, 6
+    order = [0, 1, 2, 1, 0, 2, 2, 0, 1]
+    query = torch.zeros(len(order), p, dtype=torch.long)
+    qmask = torch.zeros(len(order), p, dtype=torch.bool)
+    response = torch.randint(1, VOCAB, (len(order), r), generator=g)
+    rmask = torch.zeros(len(order), r, dtype=torch.bool)
+    for row, k in enumerate(order):
+        query[row, p - len(prompts[k]) :] = torch.tensor(prompts[k])
+        qmask[row, p - len(prompts[k]) :] = True
+        n = 1 + (row * 2) % r
+        rmask[row, :n] = True
+        response[row, n:] = 0
+    return query, qmask, response, rmask
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama-sdpa", "llama-eager"])
+def test_group_shared_logprobs_and_gradients_equal_per_row(name):
+    from rlhf_lightning.stages.rollout import response_logprobs_of, shared_response_logprobs
+
+    policy = _reward_models()[name].backbone.train()
+    twin = copy.deepcopy(policy)
+    query, qmask, response, rmask = _group_rollout()
+    shapes = _spy_rows(RewardModel(policy))  # spies policy.hidden_states
+    shared = shared_response_logprobs(policy, query, qmask, response, rmask, temperature=0.7)
+    assert shared is not None and len(shapes) == 1 and shapes[0][0] == 3  # one row per prompt
+    plain = response_logprobs_of(
+        twin, torch.cat([query, response], 1), torch.cat([qmask, rmask], 1), query.shape[1], 0.7
+    )
+    torch.testing.assert_close(shared[rmask], plain[rmask], atol=1e-5, rtol=1e-5)
+    assert (shared[~rmask] == 0).all()
+    weights = torch.linspace(0.5, 1.5, rmask.numel()).view_as(rmask)
+    (shared * weights)[rmask].sum().backward()
+    (plain * weights)[rmask].sum().backward()
+    for (pname, a), b in zip(policy.named_parameters(), twin.parameters()):
+        if b.grad is None:
+            assert a.grad is None, pname
+            continue
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=pname)
+
+
+def test_group_layout_and_when_it_falls_back():
+    query = torch.tensor([[0, 5, 6], [0, 5, 6], [7, 8, 9]])
+    qmask = query != 0
+    response = torch.tensor([[1, 2, 0], [3, 0, 0], [4, 4, 4]])
+    rmask = response != 0
+    layout = share_group_prefix(query, qmask, response, rmask, min_saving=0.0)
+    assert layout.input_ids[0].tolist() == [5, 6, 1, 2, 3, 3]  # prompt, reply 0, reply 1, padding
+    assert layout.position_ids[0, :5].tolist() == [0, 1, 2, 3, 2]
+    assert layout.branch[0, :5].tolist() == [0, 0, 1, 1, 2]
+    # first reply token predicted from the prompt's last column, later ones from their own branch
+    assert list(zip(layout.predict_row.tolist(), layout.predict_col.tolist()))[:3] == [(0, 1), (0, 2), (0, 1)]
+    assert list(zip(layout.target_row.tolist(), layout.target_col.tolist()))[:3] == [(0, 0), (0, 1), (1, 0)]
+    # distinct prompts save nothing; right-padded prompts are not the rollout's layout
+    assert share_group_prefix(query[1:], qmask[1:], response[1:], rmask[1:]) is None
+    right = torch.tensor([[5, 6, 0], [5, 6, 0]])
+    assert share_group_prefix(right, right != 0, response[:2], rmask[:2], min_saving=0.0) is None
+
+
+def test_grpo_loss_and_gradients_equal_with_and_without_the_shared_path(monkeypatch):
+    from rlhf_lightning.stages import grpo as grpo_stage
+    from rlhf_lightning.types import Rollout
+
+    query, qmask, response, rmask = _group_rollout()
+    b, r = response.shape
+    g = torch.Generator().manual_seed(1)
+    rollout = Rollout(
+        query_ids=query,
+        query_mask=qmask,
+        response_ids=response,
+        response_mask=rmask,
+        logprobs=-torch.rand(b, r, generator=g) * rmask,
+        ref_logprobs=-torch.rand(b, r, generator=g) * rmask,
+        values=torch.zeros(b, r),
+        scores=torch.zeros(b),
+        raw_scores=torch.zeros(b),
+        ended_with_eos=rmask[:, -1].logical_not(),
+        rewards=torch.zeros(b, r),
+        advantages=torch.randn(b, r, generator=g) * rmask,
+        returns=torch.zeros(b, r),
+    )
+    rows = torch.tensor([4, 0, 7, 2, 5, 1])  # a shuffled minibatch: two or three replies of each prompt
+    weights = grpo_stage.row_weights(rmask[rows], "token_mean", r)
+    losses, grads, used = [], [], []
+    original = grpo_stage.shared_response_logprobs
+    for share in (True, False):
+        module = grpo_stage.GRPOModule(policy_from="unused.ckpt", grpo=grpo_stage.GRPOArgs(kl_coef=0.1))
+        module.policy = copy.deepcopy(_reward_models()["gpt"].backbone)
+
+        def shared(*args, share=share, **kwargs):
+            out = original(*args, **kwargs) if share else None
+            used.append(out is not None)
+            return out
+
+        monkeypatch.setattr(grpo_stage, "shared_response_logprobs", shared)
+        loss, _ = module.loss(rollout, rows, weights)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad for p in module.policy.parameters()])
+    assert used == [True, False]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
+    for a, b in zip(*grads):
+        if b is None:
+            assert a is None
+            continue
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

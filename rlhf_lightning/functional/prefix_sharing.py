@@ -15,6 +15,10 @@ sequences (prompts are long and multi-turn; replies short).
 
 Shapes: B pairs, T padded sequence length, W shared row width. Torch only.
 
+The same layout serves online RL (GRPO, RLOO): the k replies sampled for one prompt become k branches of one row
+``[prompt | reply 1 | ... | reply k]`` (:func:`share_group_prefix`), and each reply token's log-prob is read from the
+hidden state just before it (the prompt's last token for its first token).
+
 Source: the "tree attention" / shared-prefix batching of speculative and multi-sample decoding (e.g. Miao et al.
 2024, SpecInfer), applied to training on pairs.
 """
@@ -26,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["SharedPairs", "branch_causal_mask", "share_pair_prefix"]
+__all__ = ["SharedGroups", "SharedPairs", "branch_causal_mask", "share_group_prefix", "share_pair_prefix"]
 
 
 class SharedPairs(NamedTuple):
@@ -105,3 +109,91 @@ def share_pair_prefix(
     branch = torch.where(col < shared[:, None], 0, torch.where(in_chosen, 1, 2))
     real = col < width_each[:, None]
     return SharedPairs(ids, real, positions, branch, lc - 1, width_each - 1)
+
+
+class SharedGroups(NamedTuple):
+    """Rollout rows with identical prompts gathered into one row each: ``[prompt | reply 1 | ... | reply k]``."""
+
+    input_ids: Tensor  # (G, W) long
+    real: Tensor  # (G, W) bool
+    position_ids: Tensor  # (G, W) long: each token's position in its own sequence
+    branch: Tensor  # (G, W) long: 0 prompt, j + 1 the group's j-th reply (padding: a branch of its own)
+    predict_row: Tensor  # (N,) long: shared row of the hidden state that predicts each counted reply token
+    predict_col: Tensor  # (N,) long: its column
+    target_row: Tensor  # (N,) long: that token's row b in the (B, R) response grid
+    target_col: Tensor  # (N,) long: its column t
+
+    def attention_mask(self) -> Tensor:
+        """(G, 1, W, W) bool (:func:`branch_causal_mask`)."""
+        return branch_causal_mask(self.branch, self.real)
+
+
+def share_group_prefix(
+    query_ids: Tensor,
+    query_mask: Tensor,
+    response_ids: Tensor,
+    response_mask: Tensor,
+    min_saving: float = 0.1,
+) -> SharedGroups | None:
+    """Rows with the same prompt (left-padded ``query_ids`` (B, P) / ``query_mask``) as branches of one row.
+
+    Only the counted reply tokens (``response_mask`` (B, R), True from the first column up to the EOS) enter the
+    row. Returns None when a prompt is not left-padded, a reply mask is not a leading run, a row has no prompt token,
+    or the shared rows would not save ``min_saving`` of the cells of the B trimmed rows (longest prompt + longest
+    reply each).
+    """
+    qmask, rmask = query_mask.bool(), response_mask.bool()
+    b, p = query_ids.shape
+    if (
+        b == 0
+        or not bool((qmask[:, 1:] >= qmask[:, :-1]).all())
+        or not bool((rmask[:, 1:] <= rmask[:, :-1]).all())
+    ):
+        return None
+    qlen, rlen = qmask.sum(-1).tolist(), rmask.sum(-1).tolist()
+    if min(qlen) < 1:
+        return None
+    queries, replies = query_ids.tolist(), response_ids.tolist()
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row in range(b):
+        groups.setdefault(tuple(queries[row][p - qlen[row] :]), []).append(row)
+    widths = [len(prompt) + sum(rlen[r] for r in rows) for prompt, rows in groups.items()]
+    width = max(widths)
+    if len(groups) * width > (1.0 - min_saving) * b * (max(qlen) + max(rlen)):
+        return None
+    ids, positions, branch = [], [], []
+    predict_row, predict_col, target_row, target_col = [], [], [], []
+    for g, (prompt, rows) in enumerate(groups.items()):
+        q = len(prompt)
+        row_ids, row_pos, row_branch = list(prompt), list(range(q)), [0] * q
+        for j, r in enumerate(rows):
+            start, n = len(row_ids), rlen[r]
+            if n == 0:
+                continue
+            row_ids += replies[r][:n]
+            row_pos += range(q, q + n)
+            row_branch += [j + 1] * n
+            predict_row += [g] * n
+            predict_col += [q - 1, *range(start, start + n - 1)]
+            target_row += [r] * n
+            target_col += range(n)
+        pad = width - len(row_ids)
+        ids.append(row_ids + [row_ids[-1]] * pad)
+        positions.append(row_pos + [0] * pad)
+        branch.append(row_branch + [len(rows) + 1] * pad)
+    device = query_ids.device
+
+    def tensor(x: list) -> Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    real = torch.arange(width, device=device)[None, :] < tensor(widths)[:, None]
+    return SharedGroups(
+        tensor(ids),
+        real,
+        tensor(positions),
+        tensor(branch),
+        tensor(predict_row),
+        tensor(predict_col),
+        tensor(target_row),
+        tensor(target_col),
+    )

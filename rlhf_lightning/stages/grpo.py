@@ -54,7 +54,7 @@ from rlhf_lightning.stages.online import group_rollout_metrics, log_validation, 
 from rlhf_lightning.stages.ppo_metrics import SAMPLE_COLUMNS, sample_rows, sequence_kl
 from rlhf_lightning.stages.ppo_models import load_networks
 from rlhf_lightning.stages.rewards import RewardArgs, SequenceScorer, load_reward_function
-from rlhf_lightning.stages.rollout import response_logprobs_of, sample_and_score
+from rlhf_lightning.stages.rollout import response_logprobs_of, sample_and_score, shared_response_logprobs
 from rlhf_lightning.stages.sample_tables import log_table
 from rlhf_lightning.stages.tokenizer_link import resolve_tokenizer, tokenizer_payload
 from rlhf_lightning.types import PromptBatch, Rollout
@@ -308,7 +308,17 @@ class GRPOModule(LightningModule):
         sequences, mask = rollout.sequences[rows], rollout.sequence_mask[rows]
         response_mask = rollout.response_mask[rows]
         P = rollout.query_ids.shape[1]
-        logp = response_logprobs_of(self.policy, sequences, mask, P, self.generation.temperature)
+        # each prompt once for all its replies in the minibatch when the policy allows it (same log-probs)
+        logp = shared_response_logprobs(
+            self.policy,
+            rollout.query_ids[rows],
+            rollout.query_mask[rows],
+            rollout.response_ids[rows],
+            response_mask,
+            self.generation.temperature,
+        )
+        if logp is None:
+            logp = response_logprobs_of(self.policy, sequences, mask, P, self.generation.temperature)
         # masked_mean(x * scale) == sum_i w_i sum_t x_it; a positive scale commutes with the clipped max
         scale = (weights * response_mask.sum()).unsqueeze(1)
         loss, stats = ppo_policy_loss(

@@ -37,6 +37,7 @@ from rlhf_lightning.functional.kl import kl_penalized_rewards
 from rlhf_lightning.functional.logprobs import logprobs_from_logits
 from rlhf_lightning.functional.masked import masked_whiten
 from rlhf_lightning.functional.microbatch import split_to_count, token_budget_groups, trimmed_span
+from rlhf_lightning.functional.prefix_sharing import share_group_prefix
 from rlhf_lightning.models.generation import GenerationArgs, check_left_padded, generate
 from rlhf_lightning.stages.rewards import SequenceScorer
 from rlhf_lightning.stages.sampling import ended_with_eos, response_texts
@@ -88,6 +89,31 @@ def response_logprobs_of(
     """Log-probs (B, R) of the response tokens ``sequences[:, P:]`` under ``policy`` at ``temperature``."""
     logits = policy_logits(policy, sequences, mask, prompt_len)
     return logprobs_from_logits(logits, sequences[:, prompt_len:], temperature)
+
+
+def shared_response_logprobs(
+    policy: torch.nn.Module,
+    query_ids: Tensor,
+    query_mask: Tensor,
+    response_ids: Tensor,
+    response_mask: Tensor,
+    temperature: float,
+) -> Tensor | None:
+    """:func:`response_logprobs_of` with each prompt computed once for all its replies (GRPO/RLOO groups):
+    log-probs (B, R) of the counted reply tokens (0 elsewhere), or None when ``policy`` takes no (B, 1, T, T) mask
+    or the rows do not share enough (``functional.prefix_sharing.share_group_prefix``)."""
+    if not getattr(policy, "accepts_4d_mask", False):
+        return None
+    layout = share_group_prefix(query_ids, query_mask, response_ids, response_mask)
+    if layout is None:
+        return None
+    with record_function("trunk_forward"):
+        hidden = policy.hidden_states(layout.input_ids, layout.attention_mask(), layout.position_ids)
+    h = hidden[layout.predict_row, layout.predict_col]  # (N, D)
+    labels = response_ids[layout.target_row, layout.target_col]  # (N,)
+    lp = logprobs_from_logits(policy.lm_head(h)[None], labels[None], temperature)[0]  # (N,)
+    out = torch.zeros(response_ids.shape, dtype=lp.dtype, device=lp.device)
+    return out.index_put((layout.target_row, layout.target_col), lp)
 
 
 def response_values(value_model: torch.nn.Module, sequences: Tensor, mask: Tensor, prompt_len: int) -> Tensor:
