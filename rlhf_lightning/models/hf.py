@@ -672,6 +672,10 @@ class AdapterDisabledView:
     def training(self) -> bool:
         return False  # frozen: eval()/train() leave the policy's own mode alone
 
+    @property
+    def accepts_4d_mask(self) -> bool:
+        return self.policy.accepts_4d_mask
+
     def new_cache(self, *args: Any, **kwargs: Any) -> HFCache | HFStaticCache:
         return self.policy.new_cache(*args, **kwargs)
 

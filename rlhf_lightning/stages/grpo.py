@@ -264,6 +264,7 @@ class GRPOModule(LightningModule):
             forward_batch_size=self.grpo.forward_batch_size,
             generator=generator or online.sampling_generator(self.generator, self.device),
             update_running_stats=update_running_stats,
+            share_prompts=True,
         )
 
     def _rollout(self, batch: PromptBatch) -> tuple[Rollout, Any]:

@@ -216,6 +216,7 @@ def sample_and_score(
     update_running_stats: bool = True,
     forward_batch_tokens: int | None = None,
     value_head: torch.nn.Module | None = None,
+    share_prompts: bool = False,
 ) -> tuple[Rollout, RolloutTimings]:
     """Steps 1-3 (sample, policy and reference log-probs, shaped scores), shared by PPO and GRPO/RLOO.
 
@@ -223,7 +224,9 @@ def sample_and_score(
     algorithm fills them, except ``values`` when ``value_head`` (a value head on the policy's trunk) is given: then
     the policy's forward gives log-probs and values at once. ``update_running_stats=False`` (evaluation) shapes
     scores with the running statistics without updating them. ``forward_batch_size`` / ``forward_batch_tokens``:
-    rows / padded tokens per no-grad forward (:func:`row_groups`).
+    rows / padded tokens per no-grad forward (:func:`row_groups`). ``share_prompts`` (GRPO/RLOO, no value head,
+    one forward per model): each prompt computed once for its replies (:func:`shared_response_logprobs`), the
+    layout the update's forwards use, so the first minibatch's ratio and KL come out exactly as the rollout's.
     """
     check_left_padded(
         batch.attention_mask,
@@ -254,17 +257,25 @@ def sample_and_score(
     def per_group(fn):
         return grouped_forward(fn, query, query_mask, response, response_mask, groups)
 
+    def logprobs_of(model: torch.nn.Module) -> Tensor:
+        if share_prompts and value_head is None and len(groups) == 1:
+            shared = shared_response_logprobs(model, query, query_mask, response, response_mask, temperature)
+            if shared is not None:
+                return shared
+        (out,) = per_group(lambda s, m, p: response_logprobs_of(model, s, m, p, temperature))
+        return out
+
     # 2. one batched forward per model (the policy's also gives the values of a value head on its trunk)
     with record_function("rollout/policy_forward"):
         if value_head is None:
-            (logprobs,) = per_group(lambda s, m, p: response_logprobs_of(policy, s, m, p, temperature))
+            logprobs = logprobs_of(policy)
             values = torch.zeros_like(logprobs)
         else:
             logprobs, values = per_group(
                 lambda s, m, p: response_logprobs_and_values(policy, value_head, s, m, p, temperature)
             )
     with record_function("rollout/reference_forward"):
-        (ref_logprobs,) = per_group(lambda s, m, p: response_logprobs_of(reference, s, m, p, temperature))
+        ref_logprobs = logprobs_of(reference)
 
     # 3. score what a user would see
     ended = ended_with_eos(response, response_mask, tokenizer.eos_id)
