@@ -85,6 +85,15 @@ def test_branch_mask_hides_the_other_reply_and_padding():
     )  # rejected never sees chosen's tokens
 
 
+def _assert_same_grads(model: torch.nn.Module, twin: torch.nn.Module, atol: float = 1e-5) -> None:
+    """Every parameter of ``model`` has the gradient of its twin's (both None, or close)."""
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        if b.grad is None:
+            assert a.grad is None, name
+            continue
+        torch.testing.assert_close(a.grad, b.grad, atol=atol, rtol=1e-4, msg=name)
+
+
 def _spy_rows(model: RewardModel) -> list[tuple[int, ...]]:
     """Record the input shape of every ``backbone.hidden_states`` call."""
     shapes: list[tuple[int, ...]] = []
@@ -114,11 +123,7 @@ def test_shared_scores_loss_and_gradients_equal_two_rows(name):
     loss_plain, _ = pairwise_loss(*plain.chunk(2), batch.margin)
     loss_shared.backward()
     loss_plain.backward()
-    for (pname, a), b in zip(model.named_parameters(), twin.parameters()):
-        if b.grad is None:
-            assert a.grad is None, pname
-            continue
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=pname)
+    _assert_same_grads(model, twin)
 
 
 def test_gpt_takes_a_4d_mask_only_with_positions_and_without_cache():
@@ -234,11 +239,7 @@ def test_group_shared_logprobs_and_gradients_equal_per_row(name):
     weights = torch.linspace(0.5, 1.5, rmask.numel()).view_as(rmask)
     (shared * weights)[rmask].sum().backward()
     (plain * weights)[rmask].sum().backward()
-    for (pname, a), b in zip(policy.named_parameters(), twin.parameters()):
-        if b.grad is None:
-            assert a.grad is None, pname
-            continue
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=pname)
+    _assert_same_grads(policy, twin)
 
 
 def test_group_layout_and_when_it_falls_back():
@@ -283,7 +284,7 @@ def test_grpo_loss_and_gradients_equal_with_and_without_the_shared_path(monkeypa
     )
     rows = torch.tensor([4, 0, 7, 2, 5, 1])  # a shuffled minibatch: two or three replies of each prompt
     weights = grpo_stage.row_weights(rmask[rows], "token_mean", r)
-    losses, grads, used = [], [], []
+    losses, policies, used = [], [], []
     original = grpo_stage.shared_response_logprobs
     for share in (True, False):
         module = grpo_stage.GRPOModule(policy_from="unused.ckpt", grpo=grpo_stage.GRPOArgs(kl_coef=0.1))
@@ -298,11 +299,7 @@ def test_grpo_loss_and_gradients_equal_with_and_without_the_shared_path(monkeypa
         loss, _ = module.loss(rollout, rows, weights)
         loss.backward()
         losses.append(loss.detach())
-        grads.append([p.grad for p in module.policy.parameters()])
+        policies.append(module.policy)
     assert used == [True, False]
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
-    for a, b in zip(*grads):
-        if b is None:
-            assert a is None
-            continue
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    _assert_same_grads(*policies, atol=1e-6)

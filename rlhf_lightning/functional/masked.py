@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["masked_mean", "masked_sum", "masked_var", "masked_whiten"]
+__all__ = ["is_left_padded", "is_right_padded", "masked_mean", "masked_sum", "masked_var", "masked_whiten"]
 
 
 def _check(x: Tensor, mask: Tensor) -> Tensor:
@@ -87,3 +87,15 @@ def masked_whiten(
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask, whitened, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def is_right_padded(mask: Tensor) -> bool:
+    """True when every row of ``mask`` (B, T) is real tokens followed only by padding (or no padding)."""
+    mask = mask.bool()
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def is_left_padded(mask: Tensor) -> bool:
+    """True when every row of ``mask`` (B, T) is padding (if any) followed only by real tokens."""
+    mask = mask.bool()
+    return bool((mask[:, 1:] >= mask[:, :-1]).all())

@@ -30,6 +30,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .masked import is_left_padded, is_right_padded
+
 __all__ = ["SharedGroups", "SharedPairs", "branch_causal_mask", "share_group_prefix", "share_pair_prefix"]
 
 
@@ -84,7 +86,7 @@ def share_pair_prefix(
         return None
     mask = attention_mask.bool()
     lengths = mask.sum(-1)  # (2B,)
-    if not bool((mask[:, 1:] <= mask[:, :-1]).all()) or not bool((lengths > 0).all()):
+    if not is_right_padded(mask) or not bool((lengths > 0).all()):
         return None
     b = rows // 2
     chosen, rejected = input_ids[:b], input_ids[b:]
@@ -144,11 +146,7 @@ def share_group_prefix(
     """
     qmask, rmask = query_mask.bool(), response_mask.bool()
     b, p = query_ids.shape
-    if (
-        b == 0
-        or not bool((qmask[:, 1:] >= qmask[:, :-1]).all())
-        or not bool((rmask[:, 1:] <= rmask[:, :-1]).all())
-    ):
+    if b == 0 or not is_left_padded(qmask) or not is_right_padded(rmask):
         return None
     qlen, rlen = qmask.sum(-1).tolist(), rmask.sum(-1).tolist()
     if min(qlen) < 1:

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from rlhf_lightning.functional.attention import packed_causal_attention, packed_position_ids
+from rlhf_lightning.functional.masked import is_right_padded
 
 __all__ = ["GPT", "PRESETS", "GPTConfig", "KVCache", "RMSNorm", "create_model"]
 
@@ -314,11 +315,6 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
-def _right_padded_only(attention_mask: Tensor) -> bool:
-    """True when every row of ``attention_mask`` (B, T) is real tokens followed only by padding (or no padding)."""
-    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
-
-
 class GPT(nn.Module):
     """Decoder-only language model. See the module docstring for masking and position conventions.
 
@@ -462,7 +458,7 @@ class GPT(nn.Module):
         # Fast path (SDPA is_causal, flash kernels): nothing cached before and no key to hide from a real query,
         # i.e. no padding or right padding only (causality already hides trailing pads from real tokens).
         mask = None
-        if start > 0 or (attention_mask is not None and not _right_padded_only(attention_mask)):
+        if start > 0 or (attention_mask is not None and not is_right_padded(attention_mask)):
             # Query i sits at slot start + i; key j is allowed if j <= start + i and real, or j == start + i
             # (so a pad query attends to itself instead of nothing, which would give NaN).
             keys = attention_mask if cache is None else cache.key_mask[:, :end]  # (B, S)
@@ -470,14 +466,28 @@ class GPT(nn.Module):
             k_slot = torch.arange(end, device=device)[None, :]  # (1, S)
             mask = ((k_slot <= q_slot) & keys[:, None, None, :]) | (k_slot == q_slot)  # (B, 1, T, S)
 
+        return self._trunk(input_ids, position_ids, mask, cache, start)
+
+    def _trunk(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        mask: Tensor | None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        cu_seqlens: Tensor | None = None,
+    ) -> Tensor:
+        """Embed, run every block (checkpointed when ``gradient_checkpointing`` applies: training, grad on, no
+        cache) and the final norm: hidden states (B, T, D). ``mask`` (B, 1, T, S) bool or None, as in
+        :class:`Attention`."""
         x = self.drop(self.wte(input_ids))
         cos, sin = self._rope(position_ids, x.dtype)
         use_ckpt = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if use_ckpt:
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, None, 0, 0, cu_seqlens, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, i, start)
+                x = block(x, cos, sin, mask, cache, i, start, cu_seqlens)
         return self.norm(x)
 
     def _masked_hidden_states(
@@ -490,17 +500,7 @@ class GPT(nn.Module):
         longest = int(position_ids.max()) + 1
         if longest > self.config.max_seq_len:
             raise ValueError(f"position {longest - 1} >= max_seq_len {self.config.max_seq_len}")
-        x = self.drop(self.wte(input_ids))
-        cos, sin = self._rope(position_ids, x.dtype)
-        mask = mask.bool()
-        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            x = (
-                checkpoint(block, x, cos, sin, mask, use_reentrant=False)
-                if use_ckpt
-                else block(x, cos, sin, mask)
-            )
-        return self.norm(x)
+        return self._trunk(input_ids, position_ids, mask.bool())
 
     def _packed_hidden_states(
         self, input_ids: Tensor, position_ids: Tensor | None, cache: KVCache | None, cu_seqlens: Tensor
@@ -514,15 +514,7 @@ class GPT(nn.Module):
         longest = int(position_ids.max()) + 1
         if longest > self.config.max_seq_len:
             raise ValueError(f"packed document of {longest} tokens > max_seq_len {self.config.max_seq_len}")
-        x = self.drop(self.wte(input_ids))
-        cos, sin = self._rope(position_ids, x.dtype)
-        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            if use_ckpt:
-                x = checkpoint(block, x, cos, sin, None, None, 0, 0, cu_seqlens, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, None, cu_seqlens=cu_seqlens)
-        return self.norm(x)
+        return self._trunk(input_ids, position_ids, None, cu_seqlens=cu_seqlens)
 
     def forward(
         self,

@@ -306,9 +306,7 @@ class GRPOModule(LightningModule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``sum_i w_i sum_t [clipped surrogate + kl_coef * k3]`` over valid tokens of ``rows`` (the weights from
         :func:`row_weights`); stats are token means of the rows."""
-        sequences, mask = rollout.sequences[rows], rollout.sequence_mask[rows]
         response_mask = rollout.response_mask[rows]
-        P = rollout.query_ids.shape[1]
         # each prompt once for all its replies in the minibatch when the policy allows it (same log-probs)
         logp = shared_response_logprobs(
             self.policy,
@@ -319,6 +317,8 @@ class GRPOModule(LightningModule):
             self.generation.temperature,
         )
         if logp is None:
+            sequences, mask = rollout.sequences[rows], rollout.sequence_mask[rows]
+            P = rollout.query_ids.shape[1]
             logp = response_logprobs_of(self.policy, sequences, mask, P, self.generation.temperature)
         # masked_mean(x * scale) == sum_i w_i sum_t x_it; a positive scale commutes with the clipped max
         scale = (weights * response_mask.sum()).unsqueeze(1)
